@@ -1,0 +1,140 @@
+"""Graph -> ``ComposedModel``: modules from the block registry, a flat execution plan.
+
+The model holds ``embed``, ``layers`` (one entry per non-shared sub-layer, keyed by its index),
+``shared`` (one module per shared block name), ``norm`` and ``head``; every graph node names the
+submodule that runs it (``module_key``), so the parameter names in a checkpoint read
+``layers.3.block.in_proj.weight``. The plan is the graph's data-flow order; nothing else decides
+what runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+
+from composer.graph import data_inputs, execution_order
+from composer.kernels import use_kernels
+from composer.registry import get_block
+
+
+def make_norm(kind: str, d: int, eps: float) -> nn.Module:
+    return nn.RMSNorm(d, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+
+
+class SubLayer(nn.Module):
+    """Pre-norm residual sub-layer: x + block(norm(x)). As a branch: block(norm(x))."""
+
+    def __init__(self, norm: nn.Module, block: nn.Module):
+        super().__init__()
+        self.norm, self.block = norm, block
+
+    def forward(self, x, state=None, residual: bool = True):
+        y, state = self.block(self.norm(x), state)
+        return (x + y if residual else y), state
+
+
+class ParallelSubLayer(nn.Module):
+    """Container of a parallel sub-layer: its branches and its combine step."""
+
+    def __init__(self, branches: list[SubLayer], combine: nn.Module):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.combine = combine
+
+
+def _entry_module(attrs: dict, m) -> nn.Module:
+    spec = attrs["spec"]
+    block_cls = get_block(spec.kind).module
+    if attrs["op"] == "combine":
+        branches = [SubLayer(make_norm(m.norm, m.d_model, m.norm_eps),
+                             get_block(m.spec(b).kind).module(m.spec(b), m.d_model))
+                    for b in spec.branches]
+        return ParallelSubLayer(branches, block_cls(spec, m.d_model))
+    return SubLayer(make_norm(m.norm, m.d_model, m.norm_eps), block_cls(spec, m.d_model))
+
+
+class ComposedModel(nn.Module):
+    """A language model compiled from a layer graph.
+
+    ``forward(input_ids (B, T)) -> logits (B, T, V)``; with ``state`` (from ``init_state`` or a
+    previous call) and ``return_state=True`` it continues a sequence and returns
+    ``(logits, new_state)``.
+    """
+
+    def __init__(self, graph: nx.DiGraph, model_cfg, kernels: dict[str, str] | None = None):
+        super().__init__()
+        m = model_cfg
+        self.graph = graph
+        self.kernels = dict(kernels or {})
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.layers = nn.ModuleDict()
+        self.shared = nn.ModuleDict()
+        for nid in graph.nodes:
+            a = graph.nodes[nid]
+            if a["op"] not in ("residual", "combine"):
+                continue
+            group, _, key = a["module_key"].partition(".")
+            key = key.removesuffix(".combine")
+            holder = self.layers if group == "layers" else self.shared
+            if key not in holder:
+                holder[key] = _entry_module(a, m)
+        self.norm = make_norm(m.norm, m.d_model, m.norm_eps)
+        self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
+        order = execution_order(graph)
+        last_read = {i: step for step, nid in enumerate(order) for i in data_inputs(graph, nid)}
+        # plan step: (node, op, module path, input nodes, values no later step reads)
+        self.plan = [(nid, graph.nodes[nid]["op"], graph.nodes[nid]["module_key"],
+                      data_inputs(graph, nid),
+                      [v for v, last in last_read.items() if last == step])
+                     for step, nid in enumerate(order)]
+        self._init_weights(m.init_std)
+
+    @torch.no_grad()
+    def _init_weights(self, std: float) -> None:
+        """Normal(0, std) for embeddings and linear weights, zero biases; blocks keep the
+        special initialisation of their own parameters (A_log, dt_bias, ...)."""
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(mod.weight, 0.0, std)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32) -> dict[str, Any]:
+        """Per-node state before the first token (None for nodes without state)."""
+        device = device or self.embed.weight.device
+        state = {}
+        for nid, op_, key, _, _ in self.plan:
+            if op_ in ("residual", "branch"):
+                state[nid] = self.get_submodule(key).block.init_state(batch, device, dtype)
+        return state
+
+    def forward(self, input_ids: torch.Tensor, state: dict | None = None,
+                return_state: bool = False):
+        new_state: dict[str, Any] = {}
+        vals: dict[str, torch.Tensor] = {}
+        with use_kernels(self.kernels):
+            for nid, op_, key, inputs, done in self.plan:
+                if op_ == "embed":
+                    vals[nid] = self.embed(input_ids)
+                elif op_ in ("residual", "branch"):
+                    st = None if state is None else state.get(nid)
+                    vals[nid], new_state[nid] = self.get_submodule(key)(
+                        vals[inputs[0]], st, residual=(op_ == "residual"))
+                elif op_ == "combine":
+                    y, _ = self.get_submodule(key)([vals[i] for i in inputs[1:]])
+                    vals[nid] = vals[inputs[0]] + y
+                elif op_ == "norm":
+                    vals[nid] = self.norm(vals[inputs[0]])
+                else:  # head
+                    h = vals[inputs[0]]
+                    vals[nid] = (h @ self.embed.weight.t() if self.head is None
+                                 else self.head(h))
+                for v in done:
+                    del vals[v]
+        logits = vals["head"]
+        return (logits, new_state) if return_state else logits
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,49 @@
+"""Calling ops by name: blocks write ``op("attention")(q, k, v, ...)``.
+
+The backend is chosen per call from the active kernel choices (a recipe's ``kernels`` section,
+made active by :func:`use_kernels`; the composed model does this around its forward), the
+device and the dtype of the first tensor argument. ``auto`` takes the highest-priority backend
+that fits. Resolution is cached.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import torch
+
+from composer.registry import resolve_backend
+
+_CHOICES: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "hycomp_kernels", default=())
+
+
+@contextlib.contextmanager
+def use_kernels(choices: dict[str, str] | None) -> Iterator[None]:
+    """Make ``choices`` (op -> backend name or ``auto``) active inside the block."""
+    token = _CHOICES.set(tuple(sorted((choices or {}).items())))
+    try:
+        yield
+    finally:
+        _CHOICES.reset(token)
+
+
+@lru_cache(maxsize=None)
+def _resolve(name: str, choice: str, device_type: str, dtype: torch.dtype) -> Callable:
+    return resolve_backend(name, choice, torch.device(device_type), dtype).fn
+
+
+def current_choice(name: str) -> str:
+    return dict(_CHOICES.get()).get(name, "auto")
+
+
+def op(name: str) -> Callable:
+    """A callable running op ``name`` with the backend the active choices pick."""
+
+    def call(*args, **kwargs):
+        x = next(a for a in args if isinstance(a, torch.Tensor))
+        return _resolve(name, current_choice(name), x.device.type, x.dtype)(*args, **kwargs)
+
+    return call

@@ -1,0 +1,331 @@
+"""The recipe schema: Pydantic models for ``model``, ``data``, ``train`` and ``kernels``.
+
+Every section forbids unknown keys. :func:`validate_recipe` turns a plain dict (the composed
+Hydra config) into a :class:`Recipe`, or raises one :class:`RecipeError` listing every problem
+with its key path, bad value, reason and fix. ``hycomp schema`` prints the JSON schema.
+
+A recipe is data: block types are registry keys, never import paths, and nothing in a recipe is
+executed.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from composer.block import BlockSpec, Spec
+from composer.errors import RecipeError
+from composer.registry import did_you_mean
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+FORMS = ("ratio", "pattern", "layers", "segments")
+
+
+class Selector(Spec):
+    """Which schedule entries a per-layer override applies to. Criteria combine with AND;
+    indices count schedule entries from 0 (negative counts from the end)."""
+
+    indices: list[int] | None = None
+    """Explicit entry indices, e.g. [5, 11, 17, 23]."""
+    every: int | None = Field(None, ge=1)
+    """Every k-th entry ..."""
+    offset: int = Field(0, ge=0)
+    """... starting at this index (with `every`)."""
+    first: int | None = Field(None, ge=1)
+    """The first n entries."""
+    last: int | None = Field(None, ge=1)
+    """The last n entries."""
+    block: str | None = None
+    """Only entries whose block name is this."""
+
+
+class LayerOverride(Spec):
+    """Changes for the selected entries: swap the block, set block fields, or swap the FFN."""
+
+    select: Selector
+    """Which entries."""
+    block: str | None = None
+    """Replace the entry's block by this block name."""
+    set: dict[str, Any] = Field(default_factory=dict)
+    """Block fields to set on the selected entries (validated against the block's spec)."""
+    ffn: str | None = None
+    """Replace the FFN that follows the selected entries (HF counting) by this block name."""
+
+
+class ScheduleForms(Spec):
+    """The four ways to write a schedule; exactly one of ratio / pattern / layers / segments."""
+
+    ratio: str | None = None
+    """Proportions over `blocks`, e.g. "3:1" or "2:1:1" (quote it in YAML: unquoted 3:1 is a
+    base-60 number there)."""
+    blocks: list[str] | None = None
+    """Block names the ratio parts refer to, in order, e.g. [mamba2, attention]."""
+    placement: Literal["even", "period"] = "even"
+    """How a ratio is laid out: `even` (Megatron-LM's allocator) or `period` (repeat a unit)."""
+    offset: int | None = Field(None, ge=0)
+    """With placement=period: index of the first minority layer (default: end of the unit)."""
+    pattern: str | None = None
+    """One symbol per entry (Megatron-LM symbols M * - E G plus model.symbols); `|` is ignored;
+    a pattern shorter than the depth repeats."""
+    layers: list[str] | None = None
+    """Explicit block name per entry (HF `layer_types` style)."""
+
+    @field_validator("ratio", mode="before")
+    @classmethod
+    def _ratio_string(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return v
+        if isinstance(v, int):
+            hint = ""
+            if v >= 60:
+                a, b = divmod(v, 60)
+                hint = (f" YAML 1.1 reads an unquoted {a}:{b} as the base-60 number {v}.")
+            raise ValueError(f"a ratio is a string like \"3:1\", got the number {v}.{hint} "
+                             "Quote the ratio in YAML")
+        if isinstance(v, (list, tuple)):
+            return ":".join(str(p) for p in v)
+        return v
+
+    def form(self) -> str | None:
+        given = [f for f in FORMS if getattr(self, f, None) is not None]
+        return given[0] if len(given) == 1 else None
+
+
+class Segment(ScheduleForms):
+    """A depth range with its own schedule (the survey's multi-level hybrids)."""
+
+    n_layers: int = Field(ge=1)
+    """Entries in this segment."""
+
+
+class Schedule(ScheduleForms):
+    """The layer schedule of the model."""
+
+    segments: list[Segment] | None = None
+    """Consecutive depth ranges, each with its own ratio / pattern / layers."""
+    overrides: list[LayerOverride] = Field(default_factory=list)
+    """Per-layer changes applied after expansion, in order."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+class ModelConfig(Spec):
+    """Model shape, block settings and the layer schedule."""
+
+    vocab_size: int = Field(256, ge=2)
+    """Vocabulary size (256 for byte-level text)."""
+    d_model: int = Field(128, ge=1)
+    """Residual stream width."""
+    n_layers: int | None = Field(None, ge=1)
+    """Schedule entries. With FFN-free schedules and `ffn` set, each entry is an HF-style layer
+    (mixer + FFN); else one residual sub-layer per entry (Megatron counting). Null: the length
+    of the pattern / list / segments."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Pre-norm of every sub-layer and the final norm."""
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of the norms."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head (saves vocab x d_model parameters)."""
+    max_seq_len: int = Field(2048, ge=1)
+    """Longest sequence the model is meant for (RoPE tables, window checks)."""
+    init_std: float = Field(0.02, gt=0)
+    """Std of the normal init of embeddings and projections (GPT-2's 0.02)."""
+    ffn: str | None = "mlp"
+    """Block name of the FFN sub-layer after each mixer when the schedule places no FFN blocks
+    itself (HF counting). Null: no automatic FFN (Megatron counting)."""
+    blocks: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Settings per block name. A name is a registered block type, or any new name with
+    `kind:` naming the type (e.g. `local: {kind: attention, window: 512}`)."""
+    symbols: dict[str, str] = Field(default_factory=dict)
+    """Extra pattern symbols: symbol -> block name."""
+    shared: list[str] = Field(default_factory=list)
+    """Block names whose every placement uses one module (weight sharing, as Zamba's shared
+    attention)."""
+    schedule: Schedule = Field(default_factory=Schedule)
+    """Which block sits at which depth."""
+
+    _specs: dict[str, BlockSpec] = PrivateAttr(default_factory=dict)
+
+    def spec(self, name: str) -> BlockSpec:
+        """The validated spec of block name ``name`` (recipe settings over the type's defaults)."""
+        return self._specs[name]
+
+
+class DataConfig(Spec):
+    """Training text. Default: the Python standard library's own source, read as bytes."""
+
+    path: str | None = None
+    """A text file or a folder of them; null: the Python standard library's .py files."""
+    glob: str = "**/*.py"
+    """Files to read inside a folder (also for the default standard-library source)."""
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of files (of bytes, for one file) held out for validation, chosen by a hash of
+    the file name so the split never changes."""
+    max_bytes: int | None = Field(None, ge=1024)
+    """Read at most this many bytes in all (null: everything)."""
+    seq_len: int = Field(256, ge=1)
+    """Tokens per training sequence."""
+
+
+class TrainConfig(Spec):
+    """The training loop."""
+
+    steps: int = Field(300, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = Field(30, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay on matrices (not on norms, biases, or embeddings)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this (null: no clipping)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Compute dtype: fp32, or bf16 autocast (weights stay fp32)."""
+    seed: int = 0
+    """Seeds weights, batch sampling and dropout."""
+    device: str = "auto"
+    """auto (cuda if present, else cpu), cpu, cuda, cuda:N."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads (null: torch's default)."""
+    eval_every: int = Field(100, ge=1)
+    """Steps between validation passes."""
+    eval_batches: int = Field(8, ge=1)
+    """Batches per validation pass (fixed batches, the same every time)."""
+    log_every: int = Field(10, ge=1)
+    """Steps between metrics.jsonl lines."""
+    ckpt_every: int = Field(100, ge=1)
+    """Steps between checkpoints (one is always written at the end)."""
+    resume: str | None = None
+    """A run folder to continue from its last checkpoint."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class Recipe(Spec):
+    """A whole recipe."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    kernels: dict[str, str] = Field(default_factory=dict)
+    """Backend per op: auto, or a backend name (`hycomp kernels` lists them)."""
+
+    _schedule: Any = PrivateAttr(default=None)
+
+    @property
+    def schedule(self):
+        """The expanded schedule (:class:`composer.schedule.Expanded`)."""
+        return self._schedule
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        # deferred import: schedule imports this module
+        from composer.schedule import resolve_and_expand
+        resolve_and_expand(self)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Validation entry point and error rendering
+# --------------------------------------------------------------------------------------------
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid field names of the model found at ``loc`` (for did-you-mean)."""
+    node: Any = Recipe
+    for part in loc:
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        ann = fields[part].annotation
+        node = _model_in(ann)
+        if node is None:
+            return []
+    return list(getattr(node, "model_fields", {}))
+
+
+def _model_in(ann: Any):
+    from typing import get_args
+    if isinstance(ann, type) and issubclass(ann, Spec):
+        return ann
+    for a in get_args(ann):
+        m = _model_in(a)
+        if m is not None:
+            return m
+    return None
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def pydantic_problems(err: ValidationError, prefix: tuple = (),
+                      fields_of=None) -> list[RecipeError]:
+    """One :class:`RecipeError` per Pydantic error, with key path and a fix."""
+    probs = []
+    for e in err.errors():
+        loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        where = _loc_str(loc)
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            key = loc[-1]
+            valid = (fields_of(loc[:-1]) if fields_of else _fields_at(loc[:-1]))
+            probs.append(RecipeError(
+                what=f"unknown key '{key}'", where=where,
+                why=f"{_loc_str(loc[:-1]) or 'the recipe'} has no field '{key}'"
+                    + (f"; its fields are: {', '.join(valid)}" if valid else ""),
+                fix=("remove it or fix the spelling" + did_you_mean(key, valid))))
+        elif e["type"] == "missing":
+            probs.append(RecipeError(what=f"missing required key '{loc[-1]}'", where=where,
+                                     why=e["msg"], fix=f"set {where}"))
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            probs.append(RecipeError(what=f"bad value {_short(value)}", where=where, why=msg,
+                                     fix=_fix_for(e)))
+    return probs
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _fix_for(e: dict) -> str:
+    ctx = e.get("ctx") or {}
+    t = e["type"]
+    if t == "literal_error":
+        return f"use one of {ctx.get('expected')}"
+    if t in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+        return "use a value that " + e["msg"].lower().removeprefix("input should be ")
+    if t.endswith("_parsing") or t.endswith("_type"):
+        return "give a value of that type"
+    return "change the value as the reason says"
+
+
+def validate_recipe(data: dict) -> Recipe:
+    """Validate a plain-dict recipe; raise one :class:`RecipeError` listing every problem."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise bundle(pydantic_problems(err)) from None
+
+
+def bundle(probs: list[RecipeError]) -> RecipeError:
+    if len(probs) == 1:
+        return probs[0]
+    return RecipeError(what=f"{len(probs)} problems in the recipe", problems=probs)
