@@ -61,6 +61,8 @@ class AttentionSpec(BlockSpec):
                         "never drops a token", "use a smaller window, or window: null for "
                         "global attention"))
         rot = int(self.dim(d_model) * self.rope_fraction)
+        if out:
+            return out
         if self.dim(d_model) % 2 or rot % 2:
             out.append(("head_dim", self.dim(d_model), "RoPE rotates pairs of dims: the head "
                         "dim and its rotated part must be even", "use an even head_dim"))

@@ -33,7 +33,7 @@ class ParallelSpec(BlockSpec):
     """RMS-normalise each branch output before scaling (Hymba); false: scale only."""
 
 
-@register_block("parallel", spec=ParallelSpec, role="composite",
+@register_block("parallel", spec=ParallelSpec, role="composite", symbol="P",
                 summary="parallel branches (attention heads beside SSM heads), combined")
 class ParallelCombine(Block):
     """The combine step of a parallel sub-layer: per-branch norm and scale, then mean or sum."""

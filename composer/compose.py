@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer.errors import RecipeError
-from composer.recipe import FORMS, Recipe, validate_recipe
+from composer.recipe import FORMS, Recipe, _model_in, validate_recipe
 from composer.registry import did_you_mean
 
 RECIPES_MODULE = "recipes"
@@ -61,7 +62,7 @@ def _first_line(msg: str) -> str:
     return msg.strip().splitlines()[0] if msg.strip() else ""
 
 
-def _source(name_or_path: str, overrides: list[str]) -> tuple[str, str, str, list[str]]:
+def _source(name_or_path: str) -> tuple[str, str, str, list[str]]:
     """(kind, where, config_name, extra overrides) for a name or a YAML path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
@@ -85,30 +86,116 @@ def _source(name_or_path: str, overrides: list[str]) -> tuple[str, str, str, lis
 
 def compose_dict(name_or_path: str = "config", overrides: Iterable[str] = ()) -> dict[str, Any]:
     """The composed, resolved config as a plain dict (before validation)."""
-    overrides = list(overrides)
-    parsed = parse_overrides(overrides)
-    kind, where, name, extra = _source(name_or_path, overrides)
-    GlobalHydra.instance().clear()
-    init = (initialize_config_module(config_module=where, version_base=None) if kind == "module"
-            else initialize_config_dir(config_dir=where, version_base=None))
-    with init:
-        try:
-            cfg = compose(config_name=name, overrides=extra + overrides)
-            base = compose(config_name=name, overrides=extra + _group_overrides(parsed))
-        except MissingConfigException as e:
-            raise _missing_config(e) from None
-        except (HydraException, OmegaConfBaseException) as e:
-            raise _composition_error(e, name, extra, parsed) from None
+    cfg = _compose(name_or_path, list(overrides))
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
-        base_data = OmegaConf.to_container(base, resolve=True)
     except OmegaConfBaseException as e:
         raise RecipeError(what="cannot resolve an interpolation", where=_key_of(e),
                           why=_clean(str(e).split("full_key")[0]),
                           fix="fix the ${...} expression") from None
     data.pop("hydra", None)
-    _apply_form_rule(data, base_data, parsed)
     return data
+
+
+def full_overrides(name_or_path: str, overrides: Iterable[str]) -> list[str]:
+    """``overrides`` plus those the schedule-form rule adds (module docstring)."""
+    overrides = list(overrides)
+    parsed = parse_overrides(overrides)
+    kind, where, name, extra = _source(name_or_path)
+    with _init(kind, where):
+        try:
+            base = compose(config_name=name, overrides=extra + _group_overrides(parsed))
+        except MissingConfigException as e:
+            raise _missing_config(e) from None
+        except yaml.YAMLError as e:
+            raise _yaml_error(e) from None
+        except (HydraException, OmegaConfBaseException) as e:
+            raise _composition_error(e, name, extra, parsed) from None
+    base_data = OmegaConf.to_container(base, resolve=False)
+    overrides = [_append_if_schema_allows(o, base_data) for o in overrides]
+    return overrides + _form_rule(base_data, parsed)
+
+
+def schema_fields(path: list[str], base: dict) -> list[str] | None:
+    """Keys the schema allows under ``path`` (None: any key, as under ``model.blocks``)."""
+    from composer.registry import block_types
+    node: Any = Recipe
+    for i, part in enumerate(path):
+        if node is None:  # a free dict (blocks, symbols, kernels): any key
+            if path[i - 1:i] == ["blocks"] and path[:1] == ["model"]:
+                raw = ((base.get("model") or {}).get("blocks") or {}).get(part) or {}
+                kind = raw.get("kind", part) if isinstance(raw, dict) else part
+                bt = block_types().get(kind)
+                node = bt.spec if bt else None
+                if node is None:
+                    return None
+                continue
+            return []
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        node = _model_in(fields[part].annotation)
+        if node is None and not _is_dict(fields[part].annotation):
+            return []
+    if node is None:
+        return None
+    return list(getattr(node, "model_fields", {}))
+
+
+def _is_dict(ann: Any) -> bool:
+    from typing import get_origin
+    return get_origin(ann) is dict
+
+
+def _append_if_schema_allows(line: str, base: dict) -> str:
+    """``key=v`` -> ``+key=v`` when the schema knows ``key`` but the recipe file omits it.
+
+    Hydra only accepts overrides of keys present in the composed YAML; the schema, not the
+    YAML, decides which keys exist, so any block field can be set from the command line.
+    """
+    o = parse_overrides([line])[0]
+    if o.is_add() or o.is_delete() or o.is_force_add() or o.package or "." not in o.key_or_group:
+        return line
+    path = o.key_or_group.split(".")
+    node: Any = base
+    for part in path[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            node = None
+            break
+        node = node[part]
+    if isinstance(node, dict) and path[-1] in node:
+        return line
+    allowed = schema_fields(path[:-1], base)
+    parent_exists = isinstance(node, dict) or node is None and _prefix_is_free(path, base)
+    if parent_exists and (allowed is None or path[-1] in allowed):
+        return "+" + line
+    return line
+
+
+def _prefix_is_free(path: list[str], base: dict) -> bool:
+    """True when the missing parents of ``path`` sit under a free dict (a new block name)."""
+    return path[:2] == ["model", "blocks"] and len(path) >= 4
+
+
+def _init(kind: str, where: str):
+    GlobalHydra.instance().clear()
+    return (initialize_config_module(config_module=where, version_base=None) if kind == "module"
+            else initialize_config_dir(config_dir=where, version_base=None))
+
+
+def _compose(name_or_path: str, overrides: list[str]):
+    overrides = full_overrides(name_or_path, overrides)
+    parsed = parse_overrides(overrides)
+    kind, where, name, extra = _source(name_or_path)
+    with _init(kind, where):
+        try:
+            return compose(config_name=name, overrides=extra + overrides)
+        except MissingConfigException as e:
+            raise _missing_config(e) from None
+        except yaml.YAMLError as e:
+            raise _yaml_error(e) from None
+        except (HydraException, OmegaConfBaseException) as e:
+            raise _composition_error(e, name, extra, parsed) from None
 
 
 def load_recipe(name_or_path: str = "config", overrides: Iterable[str] = ()) -> Recipe:
@@ -123,23 +210,32 @@ def _group_overrides(parsed) -> list[str]:
             if o.key_or_group in groups and not o.is_sweep_override()]
 
 
-def _apply_form_rule(data: dict, base: dict, parsed) -> None:
-    """A schedule form set on the command line replaces the recipe's form (module docstring)."""
-    keys = {o.key_or_group for o in parsed if not o.is_delete()}
+def _form_rule(base: dict, parsed) -> list[str]:
+    """Overrides that let a schedule form set on the command line replace the recipe's."""
+    keys = {o.key_or_group for o in parsed}
     chosen = [f for f in FORMS if f"model.schedule.{f}" in keys]
-    if not chosen:
-        return
-    sched = data.get("model", {}).get("schedule")
-    base_sched = (base.get("model") or {}).get("schedule") or {}
-    if not isinstance(sched, dict):
-        return
-    base_form = [f for f in FORMS if base_sched.get(f) is not None]
-    for f in FORMS:
-        if f not in chosen:
-            sched[f] = None
+    sched = ((base.get("model") or {}).get("schedule")) if isinstance(base, dict) else None
+    if not chosen or not isinstance(sched, dict):
+        return []
+    base_form = [f for f in FORMS if sched.get(f) is not None]
+    out = [f"model.schedule.{f}=null" for f in FORMS if f not in chosen and f in sched
+           and sched.get(f) is not None]
     lengthy = any(f in ("pattern", "layers", "segments") for f in chosen)
     if lengthy and base_form != chosen and "model.n_layers" not in keys:
-        data["model"]["n_layers"] = None
+        out.append("model.n_layers=null")
+    return out
+
+
+def _yaml_error(e: yaml.YAMLError) -> RecipeError:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark else None
+    tag = "python/" in str(e)
+    return RecipeError(what="cannot read the recipe YAML", where=where,
+                       why=(" ".join(str(getattr(e, "problem", None) or e).split())
+                            + (" (recipes are data: Python object tags are not allowed)"
+                               if tag else "")),
+                       fix="fix the YAML at that line" + (" and remove the !!python tag"
+                                                          if tag else ""))
 
 
 def _missing_config(e: MissingConfigException) -> RecipeError:
@@ -162,6 +258,10 @@ def _composition_error(e: Exception, name: str, extra: list[str], parsed) -> Rec
     if m:
         key = m.group(1)
         parent, valid = _valid_siblings(name, extra, parsed, key)
+        schema_valid = schema_fields(parent.split(".") if parent else [], _base_dict(
+            name, extra, parsed))
+        if schema_valid:
+            valid = sorted(set(valid) | set(schema_valid))
         leaf = key.split(".")[len(parent.split(".")) if parent else 0]
         return RecipeError(
             what=f"unknown key '{leaf}' in override '{key}'",
@@ -172,6 +272,14 @@ def _composition_error(e: Exception, name: str, extra: list[str], parsed) -> Rec
                  + f" (to add a new key on purpose, write +{key}=...)"))
     return RecipeError(what="cannot compose the recipe", why=_clean(msg),
                        fix="check the overrides and the recipe files")
+
+
+def _base_dict(name, extra, parsed) -> dict:
+    try:
+        cfg = compose(config_name=name, overrides=extra + _group_overrides(parsed))
+        return OmegaConf.to_container(cfg, resolve=False)
+    except Exception:  # noqa: BLE001 - only for a better message
+        return {}
 
 
 def _valid_siblings(name, extra, parsed, key) -> tuple[str, list[str]]:

@@ -209,6 +209,8 @@ class TrainConfig(Spec):
     """Steps between metrics.jsonl lines."""
     ckpt_every: int = Field(100, ge=1)
     """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int | None = Field(3, ge=1)
+    """Keep only the newest k checkpoints of the run folder (null: keep all)."""
     resume: str | None = None
     """A run folder to continue from its last checkpoint."""
     progress: bool = True

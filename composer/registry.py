@@ -27,9 +27,9 @@ Role = Literal["mixer", "ffn", "composite"]
 
 
 def did_you_mean(word: str, options) -> str:
-    """' Did you mean 'x'?' for the closest option, or ''."""
+    """"; did you mean 'x'?" for the closest option, or ''."""
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 # --------------------------------------------------------------------------------------------

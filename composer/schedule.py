@@ -103,7 +103,7 @@ def _resolve_specs(model, used: set[str], probs: _Problems) -> dict[str, BlockSp
                 probs.add(f"unknown block name '{name}'", _where_used(model, name),
                           f"it is neither a registered block type ({', '.join(sorted(types))}) "
                           f"nor a name under model.blocks", "use one of: " + ", ".join(known)
-                          + "." + did_you_mean(name, known))
+                          + did_you_mean(name, known))
             continue
         raw["kind"] = kind
         bt = types[kind]
@@ -282,7 +282,7 @@ def resolve_and_expand(recipe) -> Expanded:
     # 2. overrides: block swaps first (they change which spec an entry gets)
     entry_over: dict[int, dict[str, Any]] = {}
     ffn_over: dict[int, str] = {}
-    for k, ov in enumerate(sch.overrides):
+    for k, ov in enumerate(sch.overrides if names else []):
         where = f"model.schedule.overrides[{k}]"
         for i in _select(ov.select, names, f"{where}.select", probs):
             if ov.block is not None:
@@ -363,8 +363,10 @@ def _with_fields(spec, fields, i, overrides, probs, model):
     try:
         new = type(spec).model_validate({**spec.model_dump(), **fields})
     except ValidationError as err:
-        probs.extend(pydantic_problems(err, ("model", "schedule", "overrides", k, "set"),
-                                       fields_of=lambda loc: list(type(spec).model_fields)))
+        for p in pydantic_problems(err, ("model", "schedule", "overrides", k, "set"),
+                                   fields_of=lambda loc: list(type(spec).model_fields)):
+            p.why = f"{p.why} (entry {i} is a {spec.kind} block)"
+            probs.items.append(p)
         return None
     for fld, value, why, fix in new.problems(model.d_model, model.max_seq_len):
         probs.add(f"bad value {value!r} at entry {i}",

@@ -1,0 +1,316 @@
+"""The ``hycomp`` command: ``hycomp <command> [options] [key=value overrides ...]``.
+
+Overrides are Hydra's (``model.n_layers=12``, ``model=jamba_tiny``, ``+new.key=1``); they follow
+the command. ``train`` is a Hydra app (``-m`` sweeps, run folders, ``--cfg job``); every other
+command composes the same recipe tree with Hydra's compose API. Bad input of any kind prints
+what / where / why / fix without a traceback and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import signal
+import sys
+from pathlib import Path
+
+from composer.errors import HycompError
+
+COMMANDS = {
+    "train": "train a recipe on CPU or GPU (Hydra app: -m sweeps, run folders)",
+    "check": "validate a recipe; print the expanded schedule, parameters, FLOPs, state",
+    "viz": "draw the layer graph: SVG, PNG, Mermaid, DOT, and a terminal table",
+    "schema": "print the JSON schema of recipes (or of one block type)",
+    "kernels": "list ops x backends and what runs on this machine",
+}
+
+EPILOG = """examples:
+  hycomp train                                         # default 3:1 Mamba-2 : attention hybrid
+  hycomp train model.schedule.ratio=5:1 model.n_layers=12 train.steps=200
+  hycomp train -m model.schedule.ratio=1:1,3:1,7:1     # Hydra multirun sweep
+  hycomp check model.schedule.pattern="M-M-M*-" --json
+  hycomp viz model=gemma3_tiny
+  hycomp check -r my_recipe.yaml model.d_model=256
+
+run 'hycomp <command> --help' for the options of a command."""
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-r", "--recipe", default="config", metavar="NAME|FILE",
+                   help="root config name, model recipe name (see recipes/model), or a YAML "
+                        "file (default: config)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="Hydra overrides, e.g. model.n_layers=12 model=jamba_tiny")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hycomp", description="Hybrid Composer: compose, check, "
+                                 "draw and train hybrid efficient language models.",
+                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from composer import __version__
+    ap.add_argument("--version", action="version", version=f"hycomp {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="command")
+    sub.add_parser("train", help=COMMANDS["train"], add_help=False)
+    c = sub.add_parser("check", help=COMMANDS["check"], description=COMMANDS["check"])
+    _recipe_args(c)
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("-T", "--seq-len", type=int, default=None,
+                   help="context length for FLOPs and state (default: data.seq_len)")
+    v = sub.add_parser("viz", help=COMMANDS["viz"], description=COMMANDS["viz"])
+    _recipe_args(v)
+    v.add_argument("-o", "--out", default="viz", help="output folder (default: ./viz)")
+    v.add_argument("-T", "--seq-len", type=int, default=None,
+                   help="context length for FLOPs and state (default: data.seq_len)")
+    v.add_argument("--engine", choices=["auto", "dot", "builtin"], default="auto",
+                   help="auto: graphviz dot when installed, else the built-in renderer")
+    v.add_argument("--formats", default="svg,png,mmd,dot",
+                   help="comma-separated: svg,png,mmd,dot (default: all)")
+    s = sub.add_parser("schema", help=COMMANDS["schema"], description=COMMANDS["schema"])
+    s.add_argument("--block", default=None, help="print only this block type's spec schema")
+    sub.add_parser("kernels", help=COMMANDS["kernels"], description=COMMANDS["kernels"])
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if hasattr(signal, "SIGPIPE"):  # `hycomp check | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        from composer.registry import did_you_mean
+        _fail(HycompError(what=f"unknown command '{argv[0]}'",
+                          why=f"commands: {', '.join(COMMANDS)}",
+                          fix="run 'hycomp --help'" + did_you_mean(argv[0], COMMANDS)))
+    if argv and argv[0] == "train":
+        return _train(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return {"check": _check, "viz": _viz, "schema": _schema, "kernels": _kernels}[
+            args.command](args)
+    except HycompError as e:
+        _fail(e)
+    return 0
+
+
+def _fail(e: HycompError) -> None:
+    print(e.render(), file=sys.stderr)
+    sys.exit(e.exit_code)
+
+
+# --------------------------------------------------------------------------------------------
+def _check(args) -> int:
+    import composer
+    from composer.graph import totals
+    recipe = composer.load_recipe(args.recipe, args.overrides)
+    g = composer.layer_graph(recipe)
+    T = args.seq_len or recipe.data.seq_len
+    report = check_report(recipe, g, T)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"pattern   {report['pattern']}   ({report['counting']} counting, "
+          f"{report['n_sublayers']} sub-layers)")
+    rows = [("#", "layer", "node", "block", "params", "settings")]
+    for s in report["sublayers"]:
+        name = s["name"] if s["name"] == s["kind"] else f"{s['name']} ({s['kind']})"
+        extra = "shared with " + s["shares"] if s.get("shares") else _fields_brief(s)
+        rows.append((str(s["index"]), str(s["layer"]), s["node"], name, f"{s['params']:,}",
+                     extra))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    t = totals(g, T)
+    print(f"\nparameters      {t['params']:,}")
+    print(f"FLOPs/token     {t['flops_per_token']:,.0f}  (forward, context T={T})")
+    print(f"state per seq   {t['state_bytes']:,} bytes  (fp32, at T={T})")
+    return 0
+
+
+def _fields_brief(s: dict) -> str:
+    f = {k: v for k, v in s["fields"].items() if k != "kind" and v is not None}
+    return " ".join(f"{k}={v}" for k, v in list(f.items())[:6])
+
+
+def check_report(recipe, g, T: int) -> dict:
+    """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs."""
+    from composer.graph import totals
+    subs = []
+    for nid, a in g.nodes(data=True):
+        if a["op"] not in ("residual", "combine"):
+            continue
+        item = {"index": a["index"], "layer": a["layer"], "node": nid, "name": a["name"],
+                "kind": a["kind"], "role": a["role"], "module_key": a["module_key"],
+                "params": a["params"], "flops_per_token": a["flops"](T),
+                "state_bytes": a["state_bytes"](T), "fields": a["spec"].model_dump(mode="json")}
+        if a.get("shares"):
+            item["shares"] = a["shares"]
+        if a["op"] == "combine":
+            item["branches"] = []
+            for b in sorted(p for p in g.predecessors(nid) if g.nodes[p]["op"] == "branch"):
+                ba = g.nodes[b]
+                item["branches"].append({"node": b, "name": ba["name"], "kind": ba["kind"],
+                                         "params": ba["params"],
+                                         "fields": ba["spec"].model_dump(mode="json")})
+                item["params"] += ba["params"]
+                item["flops_per_token"] += ba["flops"](T)
+                item["state_bytes"] += ba["state_bytes"](T)
+        subs.append(item)
+    t = totals(g, T)
+    return {"pattern": g.graph["pattern"], "counting": g.graph["counting"],
+            "n_sublayers": len(subs), "T": T, "params": t["params"],
+            "params_embedding": g.nodes["embed"]["params"],
+            "flops_per_token": t["flops_per_token"], "state_bytes": t["state_bytes"],
+            "sublayers": subs}
+
+
+def _viz(args) -> int:
+    import composer
+    from composer import viz
+    recipe = composer.load_recipe(args.recipe, args.overrides)
+    g = composer.layer_graph(recipe)
+    T = args.seq_len or recipe.data.seq_len
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+    bad = [f for f in formats if f not in ("svg", "png", "mmd", "dot")]
+    if bad:
+        raise HycompError(what=f"unknown format {bad[0]!r}", where="--formats",
+                          why="formats are svg, png, mmd, dot", fix="e.g. --formats svg,png")
+    print(viz.table(g, T))
+    paths = viz.draw(g, Path(args.out), T, formats=formats, engine=args.engine)
+    for kind, path in paths.items():
+        print(f"wrote {kind:4s} {path}")
+    return 0
+
+
+def _schema(args) -> int:
+    from composer.recipe import Recipe
+    from composer.registry import block_types, get_block
+    if args.block:
+        print(json.dumps(get_block(args.block).spec.model_json_schema(), indent=2))
+        return 0
+    schema = Recipe.model_json_schema()
+    schema["x-blocks"] = {n: bt.spec.model_json_schema() for n, bt in block_types().items()}
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def _kernels(args) -> int:
+    import torch
+    from composer.registry import op_doc, ops, resolve_backend
+    rows = [("op", "backend", "priority", "devices", "available here", "auto on cpu/fp32")]
+    for op_name, backends in ops().items():
+        auto = resolve_backend(op_name, "auto", torch.device("cpu"), torch.float32).name
+        for b in sorted(backends.values(), key=lambda b: -b.priority):
+            miss = b.available()
+            rows.append((op_name, b.name, str(b.priority), ",".join(sorted(b.devices)),
+                         "yes" if miss is None else f"no: {miss}",
+                         "<- auto" if b.name == auto else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print()
+    for op_name in ops():
+        print(f"{op_name}: {op_doc(op_name)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# train: validate every job of the command first, then hand the command line to Hydra
+# --------------------------------------------------------------------------------------------
+TRAIN_HELP = """usage: hycomp train [-r NAME|FILE] [-m] [hydra options] [key=value ...]
+
+Train a recipe. Overrides follow the command: model.n_layers=12 train.steps=200.
+  -r, --recipe NAME|FILE  model recipe name (recipes/model) or a YAML file
+  -m, --multirun          sweep: model.schedule.ratio=1:1,3:1,7:1 runs three jobs
+  train.resume=DIR        continue a run folder from its last checkpoint
+  --cfg job               print the composed recipe and exit
+Runs go to runs/<date>/<time>/ (sweeps: runs/multirun/...): metrics.jsonl, checkpoints/,
+loss.png, summary.json, .hydra/ (the composed config).
+Every job of a sweep is validated before the first one starts."""
+
+MAX_PREFLIGHT = 256
+
+
+def _train(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(TRAIN_HELP)
+        return 0
+    argv, recipe = _take_recipe(argv)
+    hydra_flags, overrides = _split_hydra_flags(argv)
+    try:
+        _preflight(recipe, overrides)
+        from composer.compose import full_overrides
+        overrides = full_overrides(recipe, overrides)
+        if recipe != "config":
+            overrides, hydra_flags = _recipe_to_hydra(recipe, overrides, hydra_flags)
+    except HycompError as e:
+        _fail(e)
+    from composer.train_app import hydra_train
+    sys.argv = ["hycomp train", *hydra_flags, *overrides]
+    hydra_train()
+    return 0
+
+
+def _take_recipe(argv: list[str]) -> tuple[list[str], str]:
+    out, recipe, it = [], "config", iter(argv)
+    for a in it:
+        if a in ("-r", "--recipe"):
+            recipe = next(it, None) or _fail(HycompError("-r needs a value",
+                                                         fix="-r NAME or -r FILE.yaml"))
+        elif a.startswith("--recipe="):
+            recipe = a.split("=", 1)[1]
+        else:
+            out.append(a)
+    return out, recipe
+
+
+_HYDRA_VALUED = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                 "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def _split_hydra_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    flags, overrides, it = [], [], iter(argv)
+    for a in it:
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _HYDRA_VALUED:
+                nxt = next(it, None)
+                if nxt is not None:
+                    flags.append(nxt)
+        else:
+            overrides.append(a)
+    return flags, overrides
+
+
+def _recipe_to_hydra(recipe: str, overrides, flags):
+    from composer.compose import _source
+    kind, where, name, extra = _source(recipe)
+    if kind == "dir":
+        return ([*extra, *overrides], [*flags, "--config-dir", where, "--config-name", name])
+    return [*extra, *overrides], flags
+
+
+def _preflight(recipe: str, overrides: list[str]) -> None:
+    """Validate every job a (multi)run would start; raise on the first bad one."""
+    from composer.compose import compose_dict, parse_overrides
+    from composer.recipe import validate_recipe
+    parsed = parse_overrides(overrides)
+    axes = []
+    for o in parsed:
+        if o.is_sweep_override():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    jobs = list(itertools.islice(itertools.product(*axes), MAX_PREFLIGHT))
+    for job in jobs:
+        try:
+            validate_recipe(compose_dict(recipe, list(job)))
+        except HycompError as e:
+            if len(jobs) > 1:
+                e.what = f"{e.what}  [sweep job: {' '.join(job)}]"
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
