@@ -119,8 +119,10 @@ class Mamba2(Block):
         s = self.spec
         return {"conv": torch.zeros(batch, self.conv_dim, s.d_conv - 1, device=device,
                                     dtype=dtype),
+                # the scan state stays in fp32 (fp64 when asked) even for bf16 activations
                 "ssm": torch.zeros(batch, self.H, s.d_state, s.head_dim, device=device,
-                                   dtype=torch.float32)}
+                                   dtype=torch.float64 if dtype == torch.float64
+                                   else torch.float32)}
 
     def forward(self, u, state=None):
         s = self.spec

@@ -242,11 +242,12 @@ def _select(sel, entries: list[str], where: str, probs: _Problems) -> list[int]:
     if sel.last is not None:
         chosen &= set(range(max(0, n - sel.last), n))
     if sel.block is not None:
+        if sel.block not in entries:
+            probs.add(f"override selects block '{sel.block}', which is not in the schedule",
+                      f"{where}.block", f"the schedule places: {', '.join(sorted(set(entries)))}",
+                      "fix the name" + did_you_mean(sel.block, set(entries)))
         chosen &= {i for i in range(n) if entries[i] == sel.block}
-    if not chosen:
-        probs.add("override selects no entries", where,
-                  f"no entry of the {n}-entry schedule matches {sel.model_dump(exclude_none=True)}",
-                  "fix the selector, or drop the override")
+    # an empty selection is fine otherwise: "every 6th from 5" selects nothing in 4 layers
     return sorted(chosen)
 
 

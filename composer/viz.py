@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import math
 import re
 import shutil
 import subprocess
@@ -129,29 +130,60 @@ def table(g: nx.DiGraph, T: int, dtype_bytes: int = 4) -> str:
 
 
 def summary(g: nx.DiGraph, T: int, title: str | None = None, width: int = 96) -> list[str]:
-    """Title lines of a picture: a heading with totals, then counting and the pattern (cut into
-    lines of at most ``width`` symbols)."""
+    """Title lines of a picture: a heading with the parameter count, FLOPs and state at
+    ``T``, then counting and the pattern (cut into lines of at most ``width`` symbols)."""
     tot = totals(g, T)
     n_sub = sum(1 for _, op in g.nodes(data="op") if op in ("residual", "combine"))
-    first = (f"{title + ': ' if title else ''}{n_sub} sub-layers, {_human(tot['params'])} "
-             f"params, {_human(tot['flops_per_token'])} FLOPs/token, "
-             f"{_human_bytes(tot['state_bytes'])} state at T={T}")
     pattern = str(g.graph.get("pattern", "?"))
     cuts = [pattern[i:i + width] for i in range(0, len(pattern), width)] or [""]
-    return [first, f"counting {g.graph.get('counting', '?')}, pattern {cuts[0]}"] + cuts[1:]
+    return [f"{title + ': ' if title else ''}{n_sub} sub-layers, {_human(tot['params'])} params",
+            f"at T={T}: {_human(tot['flops_per_token'])} FLOPs/token, "
+            f"{_human_bytes(tot['state_bytes'])} state",
+            f"counting {g.graph.get('counting', '?')}, pattern {cuts[0]}"] + cuts[1:]
 
 
 def label_lines(g: nx.DiGraph, nid: str) -> list[str]:
-    """Lines of a node's label in a picture: title, parameters, notes."""
+    """Lines of a node's label in a picture: title, parameters (unless it shares another
+    node's), notes."""
     a = g.nodes[nid]
-    return [node_title(g, nid), f"{_human(a.get('params', 0))} params"] + \
-        node_notes(g, nid, picture=True)
+    own = [] if a.get("shares") else [f"{_human(a.get('params', 0))} params"]
+    return [node_title(g, nid)] + own + node_notes(g, nid, picture=True)
 
 
 def _parallel_groups(g: nx.DiGraph) -> dict[str, list[str]]:
     """Combine node -> its branch nodes, in slot order."""
     return {nid: [p for p in g.predecessors(nid) if g.nodes[p].get("op") == "branch"]
             for nid, op in g.nodes(data="op") if op == "combine"}
+
+
+def columns(g: nx.DiGraph, max_rows: int = 16) -> list[list[list[list[str]]]]:
+    """The nodes in execution order as balanced columns of slots, read left to right.
+
+    A slot is a list of rows, a row a list of node ids: one node, or a parallel sub-layer's
+    branches on one row and its combine node on the next. A column holds at most about
+    ``max_rows`` rows (more for very deep models, to keep the picture near 3:2 landscape).
+    """
+    slots, branches = [], []
+    for nid in execution_order(g):
+        op = g.nodes[nid].get("op")
+        if op == "branch":
+            branches.append(nid)
+        elif op == "combine":
+            slots.append([branches, [nid]])
+            branches = []
+        else:
+            slots.append([[nid]])
+    total = sum(len(s) for s in slots)
+    rows = max(max_rows, math.ceil(math.sqrt(total * 3.3)))
+    target = math.ceil(total / math.ceil(total / rows))
+    cols, used = [[]], 0
+    for s in slots:
+        if cols[-1] and used + len(s) > target:
+            cols.append([])
+            used = 0
+        cols[-1].append(s)
+        used += len(s)
+    return cols
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,14 +196,16 @@ def _dq(s: str) -> str:
 
 def to_dot(g: nx.DiGraph, T: int, title: str | None = None) -> str:
     """Graphviz DOT text: boxes coloured by kind, parallel sub-layers as clusters with their
-    branches on one rank, dotted residual and dashed ``shares`` edges."""
+    branches on one rank, dotted residual and dashed ``shares`` edges, and the columns of
+    :func:`columns` (edges into the next column do not constrain the ranks; orthogonal
+    splines route them through the gutters)."""
     label = "\\n".join(_dq(s)[1:-1] for s in summary(g, T, title, width=64))
     out = ["digraph layers {",
-           f'  graph [rankdir=TB, labelloc=t, fontname="Helvetica", fontsize=12, '
+           f'  graph [rankdir=TB, splines=ortho, labelloc=t, fontname="Helvetica", fontsize=12, '
            f'nodesep=0.25, ranksep=0.3, label="{label}"];',
            '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, '
            'margin="0.12,0.04"];',
-           '  edge [color="#455A64", arrowsize=0.6];']
+           '  edge [color="#455A64", arrowsize=0.6, fontname="Helvetica"];']
     groups = _parallel_groups(g)
     in_group = {b for bs in groups.values() for b in bs}
 
@@ -194,11 +228,14 @@ def to_dot(g: nx.DiGraph, T: int, title: str | None = None) -> str:
                     f"    {node_line(nid)}", "  }"]
         else:
             out.append(f"  {node_line(nid)}")
-    styles = {"data": "", "residual": ' [style=dotted, label="residual", fontsize=8]',
-              "shares": ' [style=dashed, color="#8E24AA", constraint=false, '
-                        'label="shares", fontsize=8, fontcolor="#8E24AA"]'}
+    styles = {"residual": ["style=dotted"],
+              "shares": ["style=dashed", 'color="#8E24AA"', "constraint=false"]}
+    col = {n: ci for ci, c in enumerate(columns(g)) for s in c for r in s for n in r}
     for u, v, kind in g.edges(data="kind"):
-        out.append(f"  {_dq(u)} -> {_dq(v)}{styles.get(kind, '')};")
+        attrs = list(styles.get(kind, []))
+        if col[u] != col[v] and kind != "shares":  # wrap into the next column, as drawn
+            attrs.append("constraint=false")
+        out.append(f"  {_dq(u)} -> {_dq(v)}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
     out.append("}")
     return "\n".join(out) + "\n"
 

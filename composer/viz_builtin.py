@@ -9,7 +9,6 @@ and shared visits (and a tied head) are hatched and tagged with their owner.
 """
 from __future__ import annotations
 
-import math
 import textwrap
 
 import networkx as nx
@@ -19,43 +18,12 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 from matplotlib import rc_context
 
 from composer.graph import execution_order
-from composer.viz import kind_colour, kind_label, label_lines, summary
+from composer.viz import columns, kind_colour, kind_label, label_lines, summary
 
 W, G, BH, P, M = 2.5, 0.8, 0.46, 0.66, 0.35  # box width, gutter, box height, row pitch, margin
-MAX_ROWS = 16          # rows per column before a new column starts (more for huge models)
 PAD = 0.06             # inner padding of a box (inches)
 DPI = 120              # PNG resolution; text is measured at it (hinting changes widths)
 INK, EDGE, SHARE = "#212121", "#455A64", "#8E24AA"
-
-
-def _slots(g: nx.DiGraph) -> list[list[list[str]]]:
-    """Execution order grouped into slots; a slot is a list of rows, a row a list of nodes."""
-    slots, branches = [], []
-    for nid in execution_order(g):
-        op = g.nodes[nid].get("op")
-        if op == "branch":
-            branches.append(nid)
-        elif op == "combine":
-            slots.append([branches, [nid]])
-            branches = []
-        else:
-            slots.append([[nid]])
-    return slots
-
-
-def _columns(slots) -> list[list]:
-    """Pack slots into balanced columns of at most about :data:`MAX_ROWS` rows."""
-    total = sum(len(s) for s in slots)
-    rows = max(MAX_ROWS, math.ceil(math.sqrt(total * (W + G) / (1.5 * P))))  # about 3:2
-    target = math.ceil(total / math.ceil(total / rows))
-    cols, used = [[]], 0
-    for s in slots:
-        if cols[-1] and used + len(s) > target:
-            cols.append([])
-            used = 0
-        cols[-1].append(s)
-        used += len(s)
-    return cols
 
 
 class _Canvas:
@@ -81,11 +49,10 @@ class _Canvas:
         """Text centred at (x, y), shrunk (then cut) to fit ``width`` inches (with a margin
         for SVG viewers whose fonts run wider)."""
         width *= 0.94
-        w = self.text_width(s, size, **kw)
-        if w > width:
-            size = max(4.5, size * width / w)
-            while len(s) > 3 and self.text_width(s, size, **kw) > width:
-                s = s[:-2] + "…"
+        while size > 5 and self.text_width(s, size, **kw) > width:
+            size -= 0.25
+        while len(s) > 3 and self.text_width(s, size, **kw) > width:
+            s = s[:-2] + "…"
         self.ax.text(x, y, s, fontsize=size, ha="center", va="center", color=INK, zorder=4,
                      **kw)
 
@@ -103,89 +70,100 @@ class _Canvas:
 def render(g: nx.DiGraph, T: int, paths: dict, title: str | None = None) -> None:
     """Draw ``g`` and save it to each of ``paths`` (``{"svg": Path, "png": Path}``)."""
     with rc_context({"svg.fonttype": "none", "svg.hashsalt": "hycomp"}):
-        _render(g, T, paths, title)
-
-
-def _render(g, T, paths, title):
-    cols = _columns(_slots(g))
-    n_rows = max(sum(len(s) for s in c) for c in cols)
-    body_w = len(cols) * W + (len(cols) - 1) * G
-    width = max(body_w + 2 * M + 0.4, 7.5)
-    chars = int((width - 2 * M) / 0.078)  # 9 pt monospace, about 0.075 in per character
-    lines = [textwrap.fill(summary(g, T, title, width=chars)[0], int(chars * 0.95))]
-    lines += summary(g, T, title, width=chars)[1:]
-    head_lines = "\n".join(lines).count("\n") + 1
-    kinds = list(dict.fromkeys(g.nodes[n].get("kind", "?") for n in execution_order(g)))
-    legend = [(k, "box", kind_colour(k)) for k in kinds]
-    if any(a.get("shares") for _, a in g.nodes(data=True)):
-        legend.append(("shared weights", "hatch", "#FFFFFF"))
-    edge_kinds = {k for _, _, k in g.edges(data="kind")}
-    legend += [(label, sym, col) for label, sym, col, k in
-               [("shares (owner → visit)", "--", SHARE, "shares"),
-                ("residual stream", ":", EDGE, "residual")] if k in edge_kinds]
-    c = _Canvas(width, 1.0)  # measuring canvas; the real one is sized after the legend
-    entry_w = [0.3 + c.text_width(label, 8.5) + 0.2 for label, _, _ in legend]
-    leg_rows, x = 1, 0.0
-    for w in entry_w:
-        if x + w > width - 2 * M:
-            leg_rows, x = leg_rows + 1, 0.0
-        x += w
-    top = M + 0.24 * head_lines + 0.1 + 0.3 * leg_rows + 0.25
-    height = top + n_rows * P + M
-    c = _Canvas(width, height)
-    ax = c.ax
-
-    # header: title, then the legend
-    ax.text(M, M, "\n".join(lines), fontsize=9.5, family="monospace", va="top", ha="left",
-            color=INK, linespacing=1.45)
-    x, y = M, M + 0.24 * head_lines + 0.2
-    for (label, sym, colour), w in zip(legend, entry_w):
-        if x + w > width - M:
-            x, y = M, y + 0.3
-        if sym in ("box", "hatch"):
-            ax.add_patch(Rectangle((x, y - 0.08), 0.22, 0.16, facecolor=colour, edgecolor=EDGE,
-                                   lw=0.7, hatch="////" if sym == "hatch" else None))
-        else:
-            ax.plot([x, x + 0.22], [y, y], ls=sym, color=colour, lw=1.2)
-        ax.text(x + 0.3, y, label, fontsize=8.5, va="center", color=INK)
-        x += w
-
-    # boxes
-    left0 = (width - body_w) / 2
-    box, where = {}, {}  # node -> (x0, y0, w, h); node -> column
-    for ci, col in enumerate(cols):
-        x0, y0 = left0 + ci * (W + G), top
-        for slot in col:
-            for row in slot:
+        cols = columns(g)
+        n_rows = max(sum(len(s) for s in col) for col in cols)
+        body_w = len(cols) * W + (len(cols) - 1) * G
+        width = max(body_w + 2 * M + 0.4, 7.5)
+        left0 = (width - body_w) / 2
+        box, col_of = {}, {}  # node -> (x0, y0, w, h) below the header; node -> column
+        for ci, col in enumerate(cols):
+            y0 = 0.0
+            for row in (row for slot in col for row in slot):
                 bw = (W - PAD * (len(row) - 1)) / len(row)
                 for k, nid in enumerate(row):
-                    box[nid] = (x0 + k * (bw + PAD), y0, bw, BH)
-                    where[nid] = ci
+                    box[nid], col_of[nid] = (left0 + ci * (W + G) + k * (bw + PAD), y0, bw, BH), ci
                 y0 += P
-    for nid, (x0, y0, bw, bh) in box.items():
-        _draw_box(c, g, nid, x0, y0, bw, bh)
+        links = [(u, v) for u, v, k in g.edges(data="kind")
+                 if k == "shares" and g.nodes[u].get("op") != "branch"]
+        buses = list(dict.fromkeys(u for u, v in links if col_of[u] != col_of[v]))
+        head = _Header(g, T, title, width)
+        top = head.height + 0.25 + 0.08 * len(buses)
+        c = _Canvas(width, top + n_rows * P + M)
+        head.draw(c)
+        box = {n: (x, y + top, w, h) for n, (x, y, w, h) in box.items()}
+        for nid, b in box.items():
+            _draw_box(c, g, nid, *b)
+        right = {n: left0 + col_of[n] * (W + G) + W for n in box}
+        for u, v, kind in g.edges(data="kind"):
+            (ux, uy, uw, uh), (vx, vy, vw, vh) = box[u], box[v]
+            if kind == "residual":  # dotted, down the left side of the branches
+                y1, bx = vy - P - (P - BH) / 2, vx - 0.14
+                c.arrow([(vx + 0.14, y1 - (P - BH) / 2), (vx + 0.14, y1), (bx, y1),
+                         (bx, vy + vh / 2), (vx, vy + vh / 2)], ls=":")
+            elif kind != "data":
+                continue
+            elif col_of[u] == col_of[v]:
+                c.arrow([(ux + uw / 2, uy + uh), (vx + vw / 2, vy)])
+            else:  # down, across the gutter, in from above the next column
+                below, above = uy + uh + (P - BH) / 2, top - (P - BH) / 2 - 0.06
+                gx = right[u] + G / 2
+                c.arrow([(ux + uw / 2, uy + uh), (ux + uw / 2, below), (gx, below),
+                         (gx, above), (vx + vw / 2, above), (vx + vw / 2, vy)])
+        owners = list(dict.fromkeys(u for u, _ in links))
+        for u, v in links:
+            (ux, uy, uw, uh), (vx, vy, vw, vh) = box[u], box[v]
+            k = owners.index(u)
+            lane, ya, yb = right[u] + 0.1 + 0.06 * (k % 4), uy + uh / 2, vy + vh / 2
+            if col_of[u] == col_of[v]:  # a bracket in the gutter right of the column
+                pts = [(lane, yb), (vx + vw, yb)]
+            else:  # up the gutter, along a bus above the columns, down left of the visit
+                bus, entry = top - 0.3 - 0.08 * buses.index(u), vx - 0.2 - 0.05 * (k % 2)
+                pts = [(lane, bus), (entry, bus), (entry, yb), (vx, yb)]
+            c.arrow([(ux + uw, ya), (lane, ya)] + pts, ls="--", color=SHARE, lw=1.0)
+        for fmt, path in paths.items():
+            c.fig.savefig(path, format=fmt, dpi=DPI if fmt == "png" else 72,
+                          metadata={"Date": None} if fmt == "svg" else None)
 
-    # edges
-    share_k: dict[int, int] = {}
-    for u, v, kind in g.edges(data="kind"):
-        ux, uy, uw, uh = box[u]
-        vx, vy, vw, vh = box[v]
-        if kind == "shares":
-            _share_link(c, box[u], box[v], where[u] == where[v], share_k, where[u])
-        elif kind == "residual":  # dotted, down the left side of the branches
-            y1, bx = vy - P - (P - BH) / 2, vx - 0.14
-            c.arrow([(vx + 0.14, y1 - (P - BH) / 2), (vx + 0.14, y1), (bx, y1),
-                     (bx, vy + vh / 2), (vx, vy + vh / 2)], ls=":", lw=0.9)
-        elif where[u] == where[v]:
-            c.arrow([(ux + uw / 2, uy + uh), (vx + vw / 2, vy)])
-        else:  # down, across the gutter, in from above the next column
-            below, above = uy + uh + (P - BH) / 2, top - (P - BH) / 2 - 0.06
-            gx = left0 + where[u] * (W + G) + W + G / 2
-            c.arrow([(ux + uw / 2, uy + uh), (ux + uw / 2, below), (gx, below), (gx, above),
-                     (vx + vw / 2, above), (vx + vw / 2, vy)])
-    for fmt, path in paths.items():
-        c.fig.savefig(path, format=fmt, dpi=DPI if fmt == "png" else 72,
-                      metadata={"Date": None} if fmt == "svg" else None)
+
+class _Header:
+    """Title lines (totals, counting, pattern) and a legend of the kinds and marks in use."""
+
+    def __init__(self, g: nx.DiGraph, T: int, title: str | None, width: float):
+        self.width = width
+        probe = _Canvas(width, 1.0)
+        char = probe.text_width("x" * 40, 9.5, family="monospace") / 40
+        chars = int((width - 2 * M) / char)
+        self.title, *rest = summary(g, T, title, width=chars - len("counting megatron, pattern "))
+        self.text = "\n".join(textwrap.fill(line, chars) for line in rest)
+        self.n_lines = self.text.count("\n") + 2
+        kinds = dict.fromkeys(g.nodes[n].get("kind", "?") for n in execution_order(g))
+        self.legend = [(k, "box", kind_colour(k)) for k in kinds]
+        if any(a.get("shares") for _, a in g.nodes(data=True)):
+            self.legend.append(("shared weights", "hatch", "#FFFFFF"))
+        edge_kinds = {k for _, _, k in g.edges(data="kind")}
+        self.legend += [(label, sym, col) for label, sym, col, k in
+                        [("shares (owner → visit)", "--", SHARE, "shares"),
+                         ("residual stream", ":", EDGE, "residual")] if k in edge_kinds]
+        self.entry_w = [0.3 + probe.text_width(label, 8.5) + 0.2 for label, _, _ in self.legend]
+        self.places, x, y = [], M, M + 0.24 * self.n_lines + 0.2
+        for w in self.entry_w:
+            if x + w > width - M and x > M:
+                x, y = M, y + 0.3
+            self.places.append((x, y))
+            x += w
+        self.height = y + 0.2
+
+    def draw(self, c: _Canvas) -> None:
+        c.ax.text(M, M, self.title, fontsize=11, weight="bold", va="top", ha="left", color=INK)
+        c.ax.text(M, M + 0.3, self.text, fontsize=9.5, family="monospace", va="top",
+                  ha="left", color=INK, linespacing=1.45)
+        for (label, sym, colour), (x, y) in zip(self.legend, self.places):
+            if sym in ("box", "hatch"):
+                c.ax.add_patch(Rectangle((x, y - 0.08), 0.22, 0.16, facecolor=colour, lw=0.7,
+                                         edgecolor=EDGE, hatch="////" if sym == "hatch" else None))
+            else:
+                c.ax.plot([x, x + 0.22], [y, y], ls=sym, color=colour, lw=1.2)
+            c.ax.text(x + 0.3, y, label, fontsize=8.5, va="center", color=INK)
 
 
 def _draw_box(c: _Canvas, g: nx.DiGraph, nid: str, x0, y0, bw, bh) -> None:
@@ -211,21 +189,3 @@ def _draw_box(c: _Canvas, g: nx.DiGraph, nid: str, x0, y0, bw, bh) -> None:
         ys = (0.3, 0.72)
     for (text, size, weight), fy in zip(lines, ys):
         c.fit_text(x0 + bw / 2, y0 + bh * fy, text, bw - 2 * PAD, size, weight=weight, **kw)
-
-
-def _share_link(c: _Canvas, ub, vb, same_column: bool, used: dict, col: int) -> None:
-    """A dashed link from a shared module's owner to a later visit: a bracket in the gutter
-    right of the column, or a curve between columns (drawn under the boxes)."""
-    (ux, uy, uw, uh), (vx, vy, vw, vh) = ub, vb
-    if same_column:
-        k = used[col] = used.get(col, -1) + 1
-        arm = 0.1 + 0.05 * (k % 5)
-        right = max(ux + uw, vx + vw)
-        pts = [(ux + uw, uy + uh / 2), (right + arm, uy + uh / 2), (right + arm, vy + vh / 2),
-               (vx + vw, vy + vh / 2)]
-        c.arrow(pts, ls="--", color=SHARE, lw=1.0, z=1)
-    else:
-        c.ax.add_patch(FancyArrowPatch((ux + uw, uy + uh / 2), (vx, vy + vh / 2),
-                                       connectionstyle="arc3,rad=-0.15", arrowstyle="-|>",
-                                       mutation_scale=8, ls="--", lw=1.0, color=SHARE,
-                                       alpha=0.8, shrinkA=0, shrinkB=0, zorder=1))

@@ -120,6 +120,9 @@ def test_shared_block_one_module_key():
     ({"schedule": {"layers": ["mamba2"], "overrides": [
         {"select": {"indices": [0]}, "set": {"window": 4}}]}},
      "model.schedule.overrides[0].set.window", "mamba2 block"),
+    ({"schedule": {"layers": ["mamba2"], "overrides": [
+        {"select": {"block": "atention"}, "block": "mlp"}]}},
+     "model.schedule.overrides[0].select.block", "not in the schedule"),
     ({"ffn": "attention", "schedule": {"layers": ["mamba2"]}}, "model.ffn", "not an FFN"),
     ({"shared": ["attention"], "schedule": {"layers": ["mamba2"]}}, "model.shared",
      "never placed"),
