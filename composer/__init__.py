@@ -6,24 +6,38 @@ Python API::
     recipe = composer.load_recipe("config", overrides=["model.schedule.ratio=5:1"])
     graph = composer.layer_graph(recipe)      # networkx.DiGraph with params / FLOPs / state
     model = composer.build_model(recipe)      # nn.Module: model(input_ids) -> logits (B, T, V)
+
+Names are imported on first use, so ``hycomp --help`` starts without loading torch.
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from composer.compose import compose_dict, load_recipe
-from composer.errors import HycompError, RecipeError
-from composer.graph import layer_graph
-from composer.recipe import Recipe, validate_recipe
+_LAZY = {
+    "load_recipe": "composer.compose", "compose_dict": "composer.compose",
+    "layer_graph": "composer.graph", "Recipe": "composer.recipe",
+    "validate_recipe": "composer.recipe", "HycompError": "composer.errors",
+    "RecipeError": "composer.errors",
+}
 
 
-def build_model(recipe: Recipe, device=None):
+def build_model(recipe, device=None):
     """The model of ``recipe``, compiled from its layer graph (``ComposedModel``)."""
-    from composer.compile import ComposedModel
     import torch
+
+    from composer.compile import ComposedModel
+    from composer.graph import layer_graph
     graph = layer_graph(recipe)
     with torch.device(device or "cpu"):
         return ComposedModel(graph, recipe.model, recipe.kernels)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'composer' has no attribute '{name}'")
 
 
 __all__ = ["HycompError", "Recipe", "RecipeError", "build_model", "compose_dict",

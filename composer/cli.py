@@ -161,6 +161,8 @@ def check_report(recipe, g, T: int) -> dict:
     return {"pattern": g.graph["pattern"], "counting": g.graph["counting"],
             "n_sublayers": len(subs), "T": T, "params": t["params"],
             "params_embedding": g.nodes["embed"]["params"],
+            "params_final_norm": g.nodes["norm"]["params"],
+            "params_head": g.nodes["head"]["params"],
             "flops_per_token": t["flops_per_token"], "state_bytes": t["state_bytes"],
             "sublayers": subs}
 

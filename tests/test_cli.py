@@ -1,0 +1,87 @@
+"""The hycomp command as a user runs it: output, exit codes, no tracebacks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hycomp(*args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "composer.cli", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_commands():
+    p = hycomp("--help")
+    assert p.returncode == 0
+    for c in ("train", "check", "viz", "schema", "kernels"):
+        assert c in p.stdout
+
+
+def test_check_json_pattern_example():
+    p = hycomp("check", "model.schedule.pattern=M-M-M*-", "--json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["pattern"] == "M-M-M*-" and rep["n_sublayers"] == 7
+    assert [s["kind"] for s in rep["sublayers"]] == ["mamba2", "mlp", "mamba2", "mlp", "mamba2",
+                                                     "attention", "mlp"]
+    assert rep["sublayers"][0]["fields"]["d_state"] == 32
+    assert rep["params"] == (sum(s["params"] for s in rep["sublayers"]) + rep["params_embedding"]
+                             + rep["params_final_norm"] + rep["params_head"])
+    assert rep["flops_per_token"] > 0
+
+
+def test_check_table():
+    p = hycomp("check", "model.schedule.ratio=5:1", "model.n_layers=12")
+    assert p.returncode == 0, p.stderr
+    assert "pattern   M-M-M-*-M-M-M-M-*-M-M-M-   (hf counting, 24 sub-layers)" in p.stdout
+    assert "parameters" in p.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["check", "model.n_layer=12"], "did you mean 'n_layers'"),
+    (["check", "model.blocks.attention.n_heads=5"], "model.blocks.attention.n_heads"),
+    (["check", "model=nope"], "packaged model recipes"),
+    (["check", "-r", "/no/such.yaml"], "not found"),
+    (["check", "model.schedule.pattern=M-Q"], "unknown pattern symbol 'Q'"),
+    (["chek"], "did you mean 'check'"),
+    (["viz", "--formats", "gif"], "unknown format"),
+    (["schema", "--block", "mambo"], "did you mean 'mamba2'"),
+    (["train", "model.schedule.ratio=3:x"], "bad ratio"),
+    (["train", "-m", "model.schedule.ratio=1:1,3:1,0:0", "train.steps=1"], "sweep job"),
+])
+def test_bad_input_exits_2_with_what_where_why_fix(args, words, capsys):
+    from composer.cli import main
+    with pytest.raises(SystemExit) as ei:
+        main(args)
+    err = capsys.readouterr().err
+    assert ei.value.code == 2, err
+    assert words in err and "fix:" in err, err
+
+
+def test_bad_input_in_a_real_process_prints_no_traceback():
+    p = hycomp("check", "model.n_layer=12")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "did you mean 'n_layers'" in p.stderr
+
+
+def test_schema_prints_json_schema():
+    p = hycomp("schema")
+    assert p.returncode == 0
+    s = json.loads(p.stdout)
+    assert set(s["properties"]) == {"model", "data", "train", "kernels"}
+    assert "mamba2" in s["x-blocks"]
+    one = json.loads(hycomp("schema", "--block", "attention").stdout)
+    assert "window" in one["properties"]
+
+
+def test_kernels_table():
+    p = hycomp("kernels")
+    assert p.returncode == 0
+    assert "gated_linear_recurrence" in p.stdout and "chunked" in p.stdout
+    assert "<- auto" in p.stdout
