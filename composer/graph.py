@@ -12,7 +12,8 @@ Nodes (ids): ``embed``, ``L{i}`` per residual sub-layer, ``L{i}.b{j}`` per paral
                 nodes with the same key share weights
     params      parameters this node owns (0 for a later visit of a shared module, and for a
                 tied head); the sum over nodes is the model's parameter count
-    shares      for a later visit of a shared module: the node that owns the weights
+    shares      for a later visit of a shared module: the node that owns the weights (the
+                tied head says ``embed``; it has no ``shares`` edge, being no visit of embed)
     flops       callable T -> forward FLOPs per token at context length T
     state_bytes callable (T, dtype_bytes=4) -> recurrent state / KV-cache bytes per sequence
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import networkx as nx
 
 from composer.errors import HycompError
-from composer.graph import execution_order, totals
+from composer.graph import data_inputs, execution_order, totals
 
 FORMATS = ("svg", "png", "mmd", "dot")
 ENGINES = ("auto", "dot", "builtin")
@@ -46,7 +46,7 @@ def kind_colour(kind: str) -> str:
     return "#{:02X}{:02X}{:02X}".format(round(r * 255), round(g * 255), round(b * 255))
 
 
-def _human(x: float) -> str:
+def human(x: float) -> str:
     """1234 -> 1.2K, 34_500 -> 34.5K, 2.1e9 -> 2.1G (decimal units)."""
     for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= div:
@@ -54,15 +54,13 @@ def _human(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     """Bytes in binary units: 512 B, 1.5 KiB, 3.0 MiB."""
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
 
 def kind_label(a: dict) -> str:
@@ -111,12 +109,12 @@ def table(g: nx.DiGraph, T: int, dtype_bytes: int = 4) -> str:
     rows = []
     for i, nid in enumerate(execution_order(g)):
         a = g.nodes[nid]
-        rows.append([str(i), nid, kind_label(a), _human(a.get("params", 0)),
-                     _human(a["flops"](T)), _human_bytes(a["state_bytes"](T, dtype_bytes)),
+        rows.append([str(i), nid, kind_label(a), human(a.get("params", 0)),
+                     human(a["flops"](T)), human_bytes(a["state_bytes"](T, dtype_bytes)),
                      ", ".join(node_notes(g, nid))])
     tot = totals(g, T, dtype_bytes)
-    last = ["", "total", f"{len(rows)} nodes", _human(tot["params"]),
-            _human(tot["flops_per_token"]), _human_bytes(tot["state_bytes"]), ""]
+    last = ["", "total", f"{len(rows)} nodes", human(tot["params"]),
+            human(tot["flops_per_token"]), human_bytes(tot["state_bytes"]), ""]
     widths = [max(len(r[c]) for r in [head, last] + rows) for c in range(len(head))]
     right = {0, 3, 4, 5}
 
@@ -133,26 +131,29 @@ def summary(g: nx.DiGraph, T: int, title: str | None = None, width: int = 96) ->
     """Title lines of a picture: a heading with the parameter count, FLOPs and state at
     ``T``, then counting and the pattern (cut into lines of at most ``width`` symbols)."""
     tot = totals(g, T)
-    n_sub = sum(1 for _, op in g.nodes(data="op") if op in ("residual", "combine"))
+    subs = [a for _, a in g.nodes(data=True) if a.get("op") in ("residual", "combine")]
+    counting = g.graph.get("counting", "?")
+    depth = f"{len(subs)} sub-layers" + (f" ({1 + max(a['layer'] for a in subs)} layers)"
+                                         if counting == "hf" and subs else "")
     pattern = str(g.graph.get("pattern", "?"))
     cuts = [pattern[i:i + width] for i in range(0, len(pattern), width)] or [""]
-    return [f"{title + ': ' if title else ''}{n_sub} sub-layers, {_human(tot['params'])} params",
-            f"at T={T}: {_human(tot['flops_per_token'])} FLOPs/token, "
-            f"{_human_bytes(tot['state_bytes'])} state",
-            f"counting {g.graph.get('counting', '?')}, pattern {cuts[0]}"] + cuts[1:]
+    return [f"{title + ': ' if title else ''}{depth}, {human(tot['params'])} params",
+            f"at T={T}: {human(tot['flops_per_token'])} FLOPs/token, "
+            f"{human_bytes(tot['state_bytes'])} state",
+            f"counting {counting}, pattern {cuts[0]}"] + cuts[1:]
 
 
 def label_lines(g: nx.DiGraph, nid: str) -> list[str]:
     """Lines of a node's label in a picture: title, parameters (unless it shares another
     node's), notes."""
     a = g.nodes[nid]
-    own = [] if a.get("shares") else [f"{_human(a.get('params', 0))} params"]
+    own = [] if a.get("shares") else [f"{human(a.get('params', 0))} params"]
     return [node_title(g, nid)] + own + node_notes(g, nid, picture=True)
 
 
 def _parallel_groups(g: nx.DiGraph) -> dict[str, list[str]]:
     """Combine node -> its branch nodes, in slot order."""
-    return {nid: [p for p in g.predecessors(nid) if g.nodes[p].get("op") == "branch"]
+    return {nid: [p for p in data_inputs(g, nid) if g.nodes[p].get("op") == "branch"]
             for nid, op in g.nodes(data="op") if op == "combine"}
 
 
@@ -174,16 +175,27 @@ def columns(g: nx.DiGraph, max_rows: int = 16) -> list[list[list[list[str]]]]:
         else:
             slots.append([[nid]])
     total = sum(len(s) for s in slots)
-    rows = max(max_rows, math.ceil(math.sqrt(total * 3.3)))
-    target = math.ceil(total / math.ceil(total / rows))
-    cols, used = [[]], 0
-    for s in slots:
-        if cols[-1] and used + len(s) > target:
-            cols.append([])
-            used = 0
-        cols[-1].append(s)
-        used += len(s)
-    return cols
+    n_cols = math.ceil(total / max(max_rows, math.ceil(math.sqrt(total * 3.3))))
+    target = math.ceil(total / n_cols)
+    while True:  # a two-row slot may not fit a column's end: lengthen the columns until it does
+        cols, used = [[]], 0
+        for s in slots:
+            if cols[-1] and used + len(s) > target:
+                cols.append([])
+                used = 0
+            cols[-1].append(s)
+            used += len(s)
+        if len(cols) <= n_cols:
+            return cols
+        target += 1
+
+
+def drawn_edges(g: nx.DiGraph) -> list[tuple[str, str, str]]:
+    """Edges ``(u, v, kind)`` a picture draws: all but the ``shares`` edges between branches
+    (a shared parallel sub-layer is linked at its combine node; each branch visit still
+    names its owner)."""
+    return [(u, v, k) for u, v, k in g.edges(data="kind")
+            if not (k == "shares" and g.nodes[u].get("op") == "branch")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +224,8 @@ def to_dot(g: nx.DiGraph, T: int, title: str | None = None) -> str:
     def node_line(nid):
         a = g.nodes[nid]
         style = '"rounded,filled,dashed"' if a.get("shares") else '"rounded,filled"'
-        return (f"{_dq(nid)} [label={_dq(chr(10).join(label_lines(g, nid)))}, "
+        label = "\n".join(label_lines(g, nid))
+        return (f"{_dq(nid)} [label={_dq(label)}, "
                 f"fillcolor={_dq(kind_colour(a.get('kind', '')))}, style={style}];")
 
     for nid in execution_order(g):
@@ -224,14 +237,15 @@ def to_dot(g: nx.DiGraph, T: int, title: str | None = None) -> str:
                     f"    label={_dq(nid + ' ' + kind_label(a))}; style=\"rounded,dashed\"; "
                     f"color=\"#78909C\"; fontsize=10;"]
             out += [f"    {node_line(b)}" for b in groups[nid]]
-            out += [f"    {{rank=same; {' '.join(_dq(b) for b in groups[nid])}}}",
+            order = " -> ".join(_dq(b) for b in groups[nid])
+            out += [f"    {{rank=same; {order} [style=invis]}}",
                     f"    {node_line(nid)}", "  }"]
         else:
             out.append(f"  {node_line(nid)}")
     styles = {"residual": ["style=dotted"],
               "shares": ["style=dashed", 'color="#8E24AA"', "constraint=false"]}
     col = {n: ci for ci, c in enumerate(columns(g)) for s in c for r in s for n in r}
-    for u, v, kind in g.edges(data="kind"):
+    for u, v, kind in drawn_edges(g):
         attrs = list(styles.get(kind, []))
         if col[u] != col[v] and kind != "shares":  # wrap into the next column, as drawn
             attrs.append("constraint=false")
@@ -262,7 +276,7 @@ def to_mermaid(g: nx.DiGraph, T: int, title: str | None = None) -> str:
     """Mermaid flowchart text: one class per kind, parallel sub-layers as subgraphs, dashed
     ``shares`` links."""
     ids = _mermaid_ids(g)
-    out = [f"%% {line}" for line in summary(g, T, title)] + ["flowchart TB"]
+    out = ["flowchart TB"] + [f"  %% {line}" for line in summary(g, T, title)]
     groups = _parallel_groups(g)
     in_group = {b for bs in groups.values() for b in bs}
 
@@ -279,7 +293,7 @@ def to_mermaid(g: nx.DiGraph, T: int, title: str | None = None) -> str:
         else:
             out.append(f"  {node_line(nid)}")
     arrows = {"data": "-->", "residual": "-->|residual|", "shares": "-.->|shares|"}
-    out += [f"  {ids[u]} {arrows.get(k, '-->')} {ids[v]}" for u, v, k in g.edges(data="kind")]
+    out += [f"  {ids[u]} {arrows.get(k, '-->')} {ids[v]}" for u, v, k in drawn_edges(g)]
     kinds = sorted({a.get("kind", "") for _, a in g.nodes(data=True)})
     for kind in kinds:
         cls = "k_" + re.sub(r"\W", "_", kind)
@@ -300,7 +314,8 @@ def draw(g: nx.DiGraph, out_dir: Path, T: int, formats=FORMATS, engine: str = "a
 
     ``engine``: ``dot`` renders SVG/PNG with graphviz, ``builtin`` with matplotlib, ``auto``
     with graphviz when its ``dot`` binary is on the PATH. If ``dot`` fails, the builtin
-    renderer takes over with a warning.
+    renderer takes over with a warning; ``engine="dot"`` without graphviz installed raises
+    :class:`HycompError`. DOT and Mermaid text are written whatever the engine.
     """
     bad = [f for f in formats if f not in FORMATS]
     if bad or engine not in ENGINES:
@@ -318,21 +333,23 @@ def draw(g: nx.DiGraph, out_dir: Path, T: int, formats=FORMATS, engine: str = "a
     paths = {f: out_dir / f"layers.{f}" for f in formats}
     dot_text = to_dot(g, T, title)
     if "dot" in paths:
-        paths["dot"].write_text(dot_text)
+        paths["dot"].write_text(dot_text, encoding="utf-8")
     if "mmd" in paths:
-        paths["mmd"].write_text(to_mermaid(g, T, title))
+        paths["mmd"].write_text(to_mermaid(g, T, title), encoding="utf-8")
     images = {f: p for f, p in paths.items() if f in ("svg", "png")}
     if images and engine != "builtin" and dot_bin is not None:
         try:
             for fmt, p in images.items():
-                subprocess.run([dot_bin, f"-T{fmt}", "-Gdpi=120" if fmt == "png" else
-                                "-Gdpi=72", "-o", str(p)], input=dot_text, text=True,
-                               capture_output=True, check=True, timeout=120)
+                dpi = ["-Gdpi=120"] if fmt == "png" else []
+                subprocess.run([dot_bin, f"-T{fmt}", *dpi, "-o", str(p)],
+                               input=dot_text.encode(), capture_output=True, check=True,
+                               timeout=120)
             return paths
         except (OSError, subprocess.SubprocessError) as err:
-            detail = getattr(err, "stderr", "") or err
-            warnings.warn(f"graphviz dot failed ({str(detail).strip()[:200]}); "
-                          "drawing with the builtin renderer", RuntimeWarning, stacklevel=2)
+            detail = getattr(err, "stderr", None)
+            detail = detail.decode(errors="replace").strip() if detail else str(err)
+            warnings.warn(f"graphviz dot failed ({detail[:200]}); drawing with the builtin "
+                          "renderer", RuntimeWarning, stacklevel=2)
     if images:
         from composer.viz_builtin import render
         render(g, T, images, title)

@@ -14,11 +14,12 @@ import textwrap
 import networkx as nx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 from matplotlib import rc_context
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from composer.graph import execution_order
-from composer.viz import columns, kind_colour, kind_label, label_lines, summary
+from composer.viz import (columns, drawn_edges, human, kind_colour, kind_label, label_lines,
+                          node_notes, summary)
 
 W, G, BH, P, M = 2.5, 0.8, 0.46, 0.66, 0.35  # box width, gutter, box height, row pitch, margin
 PAD = 0.06             # inner padding of a box (inches)
@@ -40,6 +41,7 @@ class _Canvas:
         self.px = self.fig.dpi  # pixels per inch when measuring text
 
     def text_width(self, s: str, size: float, **kw) -> float:
+        """Width in inches of ``s`` at ``size`` points, as the PNG renders it."""
         t = self.ax.text(0, 0, s, fontsize=size, **kw)
         w = t.get_window_extent(self.renderer).width / self.px
         t.remove()
@@ -75,40 +77,22 @@ def render(g: nx.DiGraph, T: int, paths: dict, title: str | None = None) -> None
         body_w = len(cols) * W + (len(cols) - 1) * G
         width = max(body_w + 2 * M + 0.4, 7.5)
         left0 = (width - body_w) / 2
-        box, col_of = {}, {}  # node -> (x0, y0, w, h) below the header; node -> column
-        for ci, col in enumerate(cols):
-            y0 = 0.0
-            for row in (row for slot in col for row in slot):
-                bw = (W - PAD * (len(row) - 1)) / len(row)
-                for k, nid in enumerate(row):
-                    box[nid], col_of[nid] = (left0 + ci * (W + G) + k * (bw + PAD), y0, bw, BH), ci
-                y0 += P
-        links = [(u, v) for u, v, k in g.edges(data="kind")
-                 if k == "shares" and g.nodes[u].get("op") != "branch"]
+        links = [(u, v) for u, v, k in drawn_edges(g) if k == "shares"]
+        col_of = {n: ci for ci, col in enumerate(cols) for s in col for r in s for n in r}
         buses = list(dict.fromkeys(u for u, v in links if col_of[u] != col_of[v]))
         head = _Header(g, T, title, width)
-        top = head.height + 0.25 + 0.08 * len(buses)
+        top = head.height + 0.25 + 0.08 * len(buses)  # room for the buses of shares links
         c = _Canvas(width, top + n_rows * P + M)
         head.draw(c)
-        box = {n: (x, y + top, w, h) for n, (x, y, w, h) in box.items()}
-        for nid, b in box.items():
-            _draw_box(c, g, nid, *b)
-        right = {n: left0 + col_of[n] * (W + G) + W for n in box}
-        for u, v, kind in g.edges(data="kind"):
-            (ux, uy, uw, uh), (vx, vy, vw, vh) = box[u], box[v]
-            if kind == "residual":  # dotted, down the left side of the branches
-                y1, bx = vy - P - (P - BH) / 2, vx - 0.14
-                c.arrow([(vx + 0.14, y1 - (P - BH) / 2), (vx + 0.14, y1), (bx, y1),
-                         (bx, vy + vh / 2), (vx, vy + vh / 2)], ls=":")
-            elif kind != "data":
-                continue
-            elif col_of[u] == col_of[v]:
-                c.arrow([(ux + uw / 2, uy + uh), (vx + vw / 2, vy)])
-            else:  # down, across the gutter, in from above the next column
-                below, above = uy + uh + (P - BH) / 2, top - (P - BH) / 2 - 0.06
-                gx = right[u] + G / 2
-                c.arrow([(ux + uw / 2, uy + uh), (ux + uw / 2, below), (gx, below),
-                         (gx, above), (vx + vw / 2, above), (vx + vw / 2, vy)])
+        box = {}  # node -> (x0, y0, w, h)
+        for ci, col in enumerate(cols):
+            for ri, row in enumerate(row for slot in col for row in slot):
+                bw = (W - PAD * (len(row) - 1)) / len(row)
+                for k, nid in enumerate(row):
+                    box[nid] = (left0 + ci * (W + G) + k * (bw + PAD), top + ri * P, bw, BH)
+                    _draw_box(c, g, nid, *box[nid])
+        right = {n: left0 + col_of[n] * (W + G) + W for n in box}  # right edge of the column
+        _data_edges(c, g, box, col_of, right, top)
         owners = list(dict.fromkeys(u for u, _ in links))
         for u, v in links:
             (ux, uy, uw, uh), (vx, vy, vw, vh) = box[u], box[v]
@@ -118,6 +102,7 @@ def render(g: nx.DiGraph, T: int, paths: dict, title: str | None = None) -> None
                 pts = [(lane, yb), (vx + vw, yb)]
             else:  # up the gutter, along a bus above the columns, down left of the visit
                 bus, entry = top - 0.3 - 0.08 * buses.index(u), vx - 0.2 - 0.05 * (k % 2)
+                yb = vy + 0.35 * vh
                 pts = [(lane, bus), (entry, bus), (entry, yb), (vx, yb)]
             c.arrow([(ux + uw, ya), (lane, ya)] + pts, ls="--", color=SHARE, lw=1.0)
         for fmt, path in paths.items():
@@ -125,11 +110,31 @@ def render(g: nx.DiGraph, T: int, paths: dict, title: str | None = None) -> None
                           metadata={"Date": None} if fmt == "svg" else None)
 
 
+def _data_edges(c: _Canvas, g: nx.DiGraph, box: dict, col_of: dict, right: dict,
+                top: float) -> None:
+    """Arrows of the data path: straight within a column; down, across the gutter and in
+    from above into the next column; a parallel sub-layer's residual dotted down its left."""
+    gap = P - BH
+    for u, v, kind in g.edges(data="kind"):
+        (ux, uy, uw, uh), (vx, vy, vw, vh) = box[u], box[v]
+        if kind == "residual":  # from the fork above the branches (or the column's entry)
+            bx = vx - 0.14
+            fork = [(vx + 0.14, uy + uh), (vx + 0.14, vy - P - gap / 2)] \
+                if col_of[u] == col_of[v] else [(vx + 0.14, top - gap / 2 - 0.06)]
+            yin = vy + 0.65 * vh  # below a shares link coming in from the left
+            c.arrow(fork + [(bx, fork[-1][1]), (bx, yin), (vx, yin)], ls=":")
+        elif kind == "data" and col_of[u] == col_of[v]:
+            c.arrow([(ux + uw / 2, uy + uh), (vx + vw / 2, vy)])
+        elif kind == "data":
+            below, above, gx = uy + uh + gap / 2, top - gap / 2 - 0.06, right[u] + G / 2
+            c.arrow([(ux + uw / 2, uy + uh), (ux + uw / 2, below), (gx, below), (gx, above),
+                     (vx + vw / 2, above), (vx + vw / 2, vy)])
+
+
 class _Header:
     """Title lines (totals, counting, pattern) and a legend of the kinds and marks in use."""
 
     def __init__(self, g: nx.DiGraph, T: int, title: str | None, width: float):
-        self.width = width
         probe = _Canvas(width, 1.0)
         char = probe.text_width("x" * 40, 9.5, family="monospace") / 40
         chars = int((width - 2 * M) / char)
@@ -168,7 +173,8 @@ class _Header:
 
 def _draw_box(c: _Canvas, g: nx.DiGraph, nid: str, x0, y0, bw, bh) -> None:
     """One node: a rounded box in its kind's colour, title on top, params and notes below
-    (three short lines in a narrow box); a shared visit is hatched with a dashed outline."""
+    (three short lines in a branch's narrower box); a shared visit is hatched with a dashed
+    outline."""
     a = g.nodes[nid]
     colour = kind_colour(a.get("kind", "?"))
     shared = a.get("shares") is not None
@@ -181,8 +187,11 @@ def _draw_box(c: _Canvas, g: nx.DiGraph, nid: str, x0, y0, bw, bh) -> None:
                                       hatch="////", edgecolor="#FFFFFF", lw=0, zorder=3))
     kw = {"bbox": {"facecolor": colour, "edgecolor": "none", "pad": 1.0}} if shared else {}
     first, *rest = label_lines(g, nid)
-    if bw < 1.0:  # a branch among three or more: id, kind, params on lines of their own
-        lines = [(nid, 7.5, "bold"), (kind_label(a), 7.0, "normal"), (rest[0], 6.5, "normal")]
+    if bw < W:  # a branch: id, kind, then params (a bare number beside notes) and notes
+        notes = node_notes(g, nid, picture=True)
+        own = [] if shared else [human(a.get("params", 0)) + ("" if notes else " params")]
+        lines = [(nid, 7.5, "bold"), (kind_label(a), 7.0, "normal"),
+                 (" · ".join(own + notes), 6.5, "normal")]
         ys = (0.2, 0.5, 0.8)
     else:
         lines = [(first, 8.5, "bold"), (" · ".join(rest), 7.5, "normal")]
