@@ -30,7 +30,9 @@ def build_model(recipe, device=None):
     from composer.compile import ComposedModel
     from composer.graph import layer_graph
     graph = layer_graph(recipe)
-    with torch.device(device or "cpu"):
+    if device is None:
+        return ComposedModel(graph, recipe.model, recipe.kernels)
+    with torch.device(device):
         return ComposedModel(graph, recipe.model, recipe.kernels)
 
 

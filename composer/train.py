@@ -96,6 +96,22 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, dtype: str
     return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
 
 
+def _gradients(model: nn.Module, params: list, train: torch.Tensor, gen: torch.Generator, cfg,
+               seq_len: int, device: torch.device) -> tuple[float, float]:
+    """Fill ``.grad`` for one optimizer step: ``grad_accum`` micro-batches (batch_size,
+    seq_len), each loss / grad_accum back-propagated; then clip the global norm to
+    ``grad_clip``. Returns (mean loss in nats, global gradient norm before clipping)."""
+    for p in params:
+        p.grad = None
+    loss = 0.0
+    for _ in range(cfg.grad_accum):
+        x, y = sample_batch(train, cfg.batch_size, seq_len, gen)
+        micro = _loss(model, x, y, device, cfg.dtype)
+        (micro / cfg.grad_accum).backward()
+        loss += micro.item() / cfg.grad_accum
+    return loss, nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32") -> float:
     """Mean validation loss (nats per byte) over fixed ``batches``."""
@@ -262,14 +278,7 @@ def run(recipe, run_dir: Path) -> dict:
                 lr = lr_at(st["step"], cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                loss = 0.0
-                for _ in range(cfg.grad_accum):
-                    x, y = sample_batch(train, cfg.batch_size, seq_len, gen)
-                    micro = _loss(model, x, y, device, cfg.dtype)
-                    (micro / cfg.grad_accum).backward()
-                    loss += micro.item() / cfg.grad_accum
-                grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+                loss, grad_norm = _gradients(model, params, train, gen, cfg, seq_len, device)
                 updating = True
                 opt.step()
                 st["step"] += 1
@@ -300,9 +309,10 @@ def run(recipe, run_dir: Path) -> dict:
         if updating:
             print("interrupted inside an optimizer update: no checkpoint written for it",
                   file=sys.stderr)
-        elif saved_step != st["step"]:
-            save(snapshot)
-            print(f"checkpoint written at step {st['step']}; continue with "
+        else:
+            if saved_step != st["step"]:
+                save(snapshot)
+            print(f"stopped at step {st['step']} (checkpointed); continue with "
                   f"train.resume={run_dir}", file=sys.stderr)
         raise
     bar.close()

@@ -85,3 +85,29 @@ def test_kernels_table():
     assert p.returncode == 0
     assert "gated_linear_recurrence" in p.stdout and "chunked" in p.stdout
     assert "<- auto" in p.stdout
+
+
+TINY_TRAIN = ["model.d_model=32", "train.steps=4", "train.eval_every=2", "train.ckpt_every=2",
+              "data.max_bytes=200000", "data.seq_len=32", "train.batch_size=4",
+              "train.progress=false"]
+
+
+@pytest.mark.slow
+def test_train_sweep_and_resume_through_the_cli(tmp_path):
+    p = hycomp("train", "-m", "model.schedule.ratio=1:1,3:1", *TINY_TRAIN,
+               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for job in ("0", "1"):
+        run = tmp_path / "sweep" / job
+        assert (run / "metrics.jsonl").exists() and (run / "loss.png").exists()
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
+        assert (run / ".hydra" / "overrides.yaml").exists()
+    first = tmp_path / "sweep" / "0"
+    p = hycomp("train", "model.schedule.ratio=1:1", *TINY_TRAIN, "train.steps=6",
+               f"train.resume={first}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 6
+    p = hycomp("train", "model.schedule.ratio=5:1", *TINY_TRAIN, f"train.resume={first}",
+               cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "schedule" in p.stderr
