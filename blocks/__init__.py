@@ -1,7 +1,16 @@
-"""Built-in blocks. Importing this package registers every block type and kernel op.
+"""Built-in blocks. Importing this package registers every kernel op and block type.
 
-One module per block family; each registers itself. A new block type is one file here (or in
-a plug-in package exposing the ``hycomp.blocks`` entry-point group).
+One module per block family (and one per op under ``blocks/ops``); each registers itself, so a
+new block type is one file here: this package imports every module it contains, ops first.
+Third-party packages register the same way through the ``hycomp.blocks`` entry-point group.
 """
-from blocks.ops import attention as _attention_op, recurrence as _recurrence_op  # noqa: F401
-from blocks import attention, mamba2, mlp, parallel  # noqa: F401
+import importlib
+import pkgutil
+import sys
+
+from blocks import ops as _ops
+
+for _pkg in (_ops, sys.modules[__name__]):
+    for _m in sorted(pkgutil.iter_modules(_pkg.__path__), key=lambda m: m.name):
+        if not _m.ispkg and not _m.name.startswith("_"):
+            importlib.import_module(f"{_pkg.__name__}.{_m.name}")

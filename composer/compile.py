@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from composer.aux import collect_aux_losses
 from composer.graph import data_inputs, execution_order
 from composer.kernels import use_kernels
 from composer.registry import get_block
@@ -60,8 +61,11 @@ class ComposedModel(nn.Module):
 
     ``forward(input_ids (B, T)) -> logits (B, T, V)``; with ``state`` (from ``init_state`` or a
     previous call) and ``return_state=True`` it continues a sequence and returns
-    ``(logits, new_state)``.
+    ``(logits, new_state)``. After each forward, ``aux_loss`` holds the sum of the
+    auxiliary losses blocks added (:mod:`composer.aux`), or None.
     """
+
+    aux_loss: torch.Tensor | None = None
 
     def __init__(self, graph: nx.DiGraph, model_cfg, kernels: dict[str, str] | None = None):
         super().__init__()
@@ -114,7 +118,7 @@ class ComposedModel(nn.Module):
                 return_state: bool = False):
         new_state: dict[str, Any] = {}
         vals: dict[str, torch.Tensor] = {}
-        with use_kernels(self.kernels):
+        with use_kernels(self.kernels), collect_aux_losses() as aux:
             for nid, op_, key, inputs, done in self.plan:
                 if op_ == "embed":
                     vals[nid] = self.embed(input_ids)
@@ -133,6 +137,7 @@ class ComposedModel(nn.Module):
                                  else self.head(h))
                 for v in done:
                     del vals[v]
+        self.aux_loss = torch.stack([a.float() for a in aux]).sum() if aux else None
         logits = vals["head"]
         return (logits, new_state) if return_state else logits
 

@@ -100,14 +100,17 @@ def _gradients(model: nn.Module, params: list, train: torch.Tensor, gen: torch.G
                seq_len: int, device: torch.device) -> tuple[float, float]:
     """Fill ``.grad`` for one optimizer step: ``grad_accum`` micro-batches (batch_size,
     seq_len), each loss / grad_accum back-propagated; then clip the global norm to
-    ``grad_clip``. Returns (mean loss in nats, global gradient norm before clipping)."""
+    ``grad_clip``. Blocks' auxiliary losses (``model.aux_loss``, e.g. MoE load balancing) are
+    added to what is back-propagated, not to the reported loss. Returns (mean loss in nats,
+    global gradient norm before clipping)."""
     for p in params:
         p.grad = None
     loss = 0.0
     for _ in range(cfg.grad_accum):
         x, y = sample_batch(train, cfg.batch_size, seq_len, gen)
         micro = _loss(model, x, y, device, cfg.dtype)
-        (micro / cfg.grad_accum).backward()
+        aux = getattr(model, "aux_loss", None)
+        ((micro if aux is None else micro + aux) / cfg.grad_accum).backward()
         loss += micro.item() / cfg.grad_accum
     return loss, nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
 

@@ -1,25 +1,24 @@
-"""Every block: whole sequence == carried state == single-token steps; cost hooks."""
+"""Every block: whole sequence == carried state == single-token steps; cost hooks.
+
+Cases come from ``tests/cases/*.py`` (one module per block family)."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer.kernels import use_kernels
-from composer.registry import block_types
+from composer.registry import block_types, ops
 
 from conftest import rel_err
 
+from cases import all_cases
+
 D = 32
-SPECS = {  # (block type, settings) pairs at small size; several per family
-    "attention": {"n_heads": 4, "n_kv_heads": 2},
-    "attention_window": {"kind": "attention", "n_heads": 2, "window": 5},
-    "attention_mqa_partial_rope": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1,
-                                   "rope_fraction": 0.5},
-    "mamba2": {"d_state": 8, "head_dim": 16, "chunk_size": 8},
-    "mamba2_groups": {"kind": "mamba2", "d_state": 4, "head_dim": 8, "n_groups": 2,
-                      "chunk_size": 5},
-    "mlp": {},
-    "mlp_gelu": {"kind": "mlp", "activation": "gelu"},
-}
+SPECS = all_cases()
+
+
+def all_ops(backend: str) -> dict[str, str]:
+    """Every op on ``backend`` (every op has a reference backend; auto is always valid)."""
+    return {op: backend for op in ops()}
 
 
 def make(name):
@@ -42,8 +41,7 @@ def test_every_registered_sequence_block_is_covered():
 def test_three_modes_agree(name, backend, T, split):
     blk = make(name)
     x = torch.randn(2, T, D, dtype=torch.float64)
-    choice = {"attention": backend, "gated_linear_recurrence": backend}
-    with use_kernels(choice):
+    with use_kernels(all_ops(backend)):
         y, _ = blk(x)
         # carried state: forward(x[:, :a]) then forward(x[:, a:], state)
         st = blk.init_state(2, x.device, torch.float64)
@@ -59,17 +57,17 @@ def test_three_modes_agree(name, backend, T, split):
         assert rel_err(torch.stack(rows, 1), y) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["mamba2", "mamba2_groups", "attention", "attention_window"])
+@pytest.mark.parametrize("name", SPECS)
 def test_reference_and_fast_backends_agree_float32(name):
     blk = make(name).float()
     x = torch.randn(2, 40, D)
-    with use_kernels({"attention": "reference", "gated_linear_recurrence": "reference"}):
+    with use_kernels(all_ops("reference")):
         y_ref, _ = blk(x)
     y_fast, _ = blk(x)
     assert rel_err(y_fast, y_ref) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["mamba2", "attention"])
+@pytest.mark.parametrize("name", SPECS)
 def test_gradients_flow_to_every_parameter(name):
     blk = make(name)
     y, _ = blk(torch.randn(2, 9, D, dtype=torch.float64))
