@@ -246,12 +246,24 @@ def _train(argv: list[str]) -> int:
         overrides = full_overrides(recipe, overrides)
         if recipe != "config":
             overrides, hydra_flags = _recipe_to_hydra(recipe, overrides, hydra_flags)
+        overrides += _resume_into_run_folder(overrides)
     except HycompError as e:
         _fail(e)
     from composer.train_app import hydra_train
     sys.argv = ["hycomp train", *hydra_flags, *overrides]
     hydra_train()
     return 0
+
+
+def _resume_into_run_folder(overrides: list[str]) -> list[str]:
+    """With train.resume=DIR (and no hydra.run.dir), Hydra's record of the resumed job goes
+    into DIR/.hydra/resumed-<time> instead of a new, otherwise empty run folder."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    resume = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "train.resume"]
+    if not resume or resume[-1] in ("null", "") or "hydra.run.dir" in keys:
+        return []
+    return [f"hydra.run.dir={resume[-1]}",
+            "hydra.output_subdir=.hydra/resumed-${now:%Y-%m-%d_%H-%M-%S}"]
 
 
 def _take_recipe(argv: list[str]) -> tuple[list[str], str]:
