@@ -33,7 +33,9 @@ PALETTE = {
     "embed": "#B0BEC5", "norm": "#CFD8DC", "head": "#90A4AE",
     "attention": "#EF9A9A", "mamba2": "#90CAF9", "mlp": "#A5D6A7", "moe": "#FFE082",
     "gated_deltanet": "#CE93D8", "parallel": "#FFCC80", "linear_attention": "#F48FB1",
-    "gla": "#B39DDB", "rwkv": "#80CBC4", "retnet": "#80DEEA", "hyena": "#BCAAA4",
+    "gla": "#B39DDB", "rwkv7": "#80CBC4", "retnet": "#80DEEA", "mamba": "#81D4FA",
+    "deltanet": "#E1BEE7", "block_attention": "#FFAB91", "sparse_attention": "#F8BBD0",
+    "routed": "#DCE775", "rglru": "#B2DFDB",
 }
 
 

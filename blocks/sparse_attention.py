@@ -1,0 +1,88 @@
+"""Sparse attention: global tokens plus a sliding window (Longformer / BigBird style, causal).
+
+Longformer (Beltagy et al. 2020) and BigBird (Zaheer et al. 2020) mix a local window with a
+few global tokens that see and are seen by everything. In a causal language model a global
+token can only be seen by later tokens, so the pattern becomes: the first g tokens of the
+sequence (``n_global``) are visible to every later query, on top of a window of w:
+
+    query at position t sees keys s with  0 <= t - s < w   or   s < g (and s <= t)
+
+which is also StreamingLLM's "attention sinks + window" (Xiao et al. 2023): the first tokens
+collect attention mass that a plain window would have to put somewhere. Cost O(T·(w + g)).
+Why this pattern and not NSA-style top-k block selection: it is exact and static, so every
+backend computes the same set of pairs, the KV cache stays constant in size, and the banded
+kernel of ``op("attention")`` serves it with g extra keys per query.
+
+Projections, GQA, RoPE (absolute positions), qk-norm and output gate are those of the
+``attention`` block (:class:`blocks.attention.SoftmaxAttention`).
+
+State: ``{"k", "v", "kg", "vg", "pos"}``: the last w - 1 keys and values, and those of the
+first g positions (kept once seen).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from blocks.attention import (SoftmaxAttention, SoftmaxAttentionSpec, mean_visible,
+                              window_problem)
+from composer.registry import register_block
+
+
+class SparseAttentionSpec(SoftmaxAttentionSpec):
+    """Global tokens + sliding window settings (plus those of every softmax-attention block)."""
+
+    kind: Literal["sparse_attention"] = "sparse_attention"
+    window: int = Field(256, ge=1)
+    """w: a query sees itself and the w - 1 tokens before it."""
+    n_global: int = Field(4, ge=1)
+    """g: the first g tokens of the sequence are visible to every later query."""
+
+    def problems(self, d_model, max_seq_len):
+        return (super().problems(d_model, max_seq_len)
+                + window_problem("window", self.window, max_seq_len, "window"))
+
+
+@register_block("sparse_attention", spec=SparseAttentionSpec, role="mixer", symbol="X",
+                summary="sparse attention: the first n_global tokens plus a sliding window")
+class SparseAttention(SoftmaxAttention):
+    """Causal attention to a sliding window plus the first ``n_global`` tokens."""
+
+    def init_state(self, batch, device, dtype):
+        st = super().init_state(batch, device, dtype)
+        return {**st, "kg": st["k"].clone(), "vg": st["v"].clone()}
+
+    def forward(self, x, state=None):
+        T, w, g = x.shape[1], self.spec.window, self.spec.n_global
+        pos0 = 0 if state is None else state["pos"]
+        q, k, v, gate = self.project(x, pos0)
+        # the global keys: positions 0 .. g-1, those of this call appended once
+        new_g = max(0, g - pos0)
+        kg = self.extend(None if state is None else state["kg"], k[:, :, :new_g])
+        vg = self.extend(None if state is None else state["vg"], v[:, :, :new_g])
+        k = self.extend(None if state is None else state["k"], k)      # (B, Hkv, Tc + T, hd)
+        v = self.extend(None if state is None else state["v"], v)
+        y = self.attend(q, k, v, q_pos0=pos0, k_pos0=pos0 + T - k.shape[2], window=w,
+                        k_global=kg, v_global=vg)
+        keep = min(k.shape[2], w - 1)
+        new_state = {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:],
+                     "kg": kg, "vg": vg, "pos": pos0 + T}
+        return self.output(y, gate), new_state
+
+    @classmethod
+    def flops_per_token(cls, spec, d_model, T):
+        w, g = spec.window, spec.n_global
+        # window keys: min(t + 1, w) at 0-based position t; global keys beyond the window:
+        # clamp(t - w + 1, 0, g), summed in closed form over t < T
+        span = max(0, T - w)
+        ramp = min(g, span)
+        outside = ramp * (ramp + 1) / 2 + g * max(0, span - g)
+        keys = mean_visible(T, w) + outside / T
+        return cls.projection_flops(spec, d_model) + cls.mixing_flops(spec, d_model, keys)
+
+    @classmethod
+    def state_bytes(cls, spec, d_model, T, dtype_bytes=4):
+        kept = min(T, spec.window - 1) + min(T, spec.n_global)
+        return cls.cache_bytes(spec, d_model, kept, dtype_bytes)
+
