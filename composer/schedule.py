@@ -297,13 +297,15 @@ def resolve_and_expand(recipe) -> Expanded:
     used = set(names) | set(ffn_over.values()) | ({model.ffn} if model.ffn else set())
     used |= {n for n in model.shared}
     specs = _resolve_specs(model, used, probs)
+    types = block_types()
     for name, spec in list(specs.items()):
-        for b in getattr(spec, "branches", []) or []:
+        if types[spec.kind].role != "composite":
+            continue
+        for b in spec.branches:
             if b not in specs:
                 specs.update(_resolve_specs(model, {b}, probs))
     probs.raise_if_any()
     model._specs = specs
-    types = block_types()
 
     # 4. counting: HF (mixer + FFN per entry) unless the schedule places FFNs itself
     roles = [types[specs[n].kind].role for n in names]
