@@ -93,7 +93,8 @@ CASES = {
     "mamba2": ({"ffn": None, "blocks": {"mamba2": {"d_state": 64, "head_dim": 64,
                                                    "chunk_size": 64}},
                 "schedule": {"pattern": "M"}}, hf_mamba2, ["mamba2"]),
-    "gated_deltanet": ({"ffn": "mlp", "blocks": {"gated_deltanet": {}, **MLP},
+    "gated_deltanet": ({"ffn": "mlp", "blocks": {"gated_deltanet": {"n_k_heads": 4,
+                                                                       "n_v_heads": 4}, **MLP},
                         "schedule": {"pattern": "G"}}, hf_gdn, ["gated_deltanet"]),
     "mamba": ({"ffn": None, "blocks": {"mamba": {}}, "schedule": {"layers": ["mamba"]}},
               None, ["mamba"]),
@@ -175,7 +176,9 @@ def _glr_args(T):
 
 
 def _delta_args(T):
-    return None  # the delta-rule op's signature is family-specific; timed through its block
+    H, K = 4, 64  # q, k, v, b (scalar: b * k_t, the plain delta rule), log_w
+    return ([torch.randn(1, T, H, K), F.normalize(torch.randn(1, T, H, K), dim=-1),
+             torch.randn(1, T, H, K), -torch.rand(1, T, H), -torch.rand(1, T, H)], {})
 
 
 def fmt_rate(tps: float | None) -> str:

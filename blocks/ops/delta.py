@@ -1,0 +1,227 @@
+"""Op ``delta_rule``: the generalised delta rule, a diagonal-plus-rank-1 state transition.
+
+Per batch b and head h, with state S (K x V, keys by values) and w_t = exp(log_w_t):
+
+    S_t = (diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T
+    o_t = S_t^T q_t                                   (includes the current token)
+
+``a`` is where the old state is read (a_t^T S_{t-1}, a value vector, taken before the decay),
+``b`` where that read is written back. ``a`` defaults to ``k``; a ``b`` with one number per
+head and token stands for that number times ``k_t`` (the plain delta rule, which the chunked
+backend runs with half the matmuls). The decay is one scalar per head or one value per key
+channel. The family:
+
+* DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
+  Sequence Length"): S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, i.e.
+  v -> beta v, b = -beta (times k), no decay.
+* Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"):
+  S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, i.e. v -> beta v,
+  b = -alpha beta (times k), log_w = log alpha (one scalar per head).
+* RWKV-7 "Goose" (Peng et al. 2025), which writes the state transposed (V x K):
+  S_t = S_{t-1}(diag(w_t) + a_t b_t^T) + v_t k_t^T; the same recurrence with a = -kappa_hat,
+  b = kappa_hat * a_icl (vectors) and log_w one value per key channel.
+
+Shapes: q, k (B, T, H, K); v (B, T, H, V); b (B, T, H) or (B, T, H, K); a None or
+(B, T, H, K); log_w None (w = 1), (B, T, H) or (B, T, H, K), every entry <= 0; state
+(B, H, K, V). Returns o (B, T, H, V) and the final state (B, H, K, V) in the dtype of ``q``;
+both backends compute in float32 (float64 for float64 inputs). Both take every form above, and
+the chunked one is exact for all of them, decays near 0 and near 1 included.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from composer.registry import register_backend, register_op
+
+OP = "delta_rule"
+register_op(OP, "S_t = (diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t "
+                "(DeltaNet, Gated DeltaNet, RWKV-7)")
+
+SUB = 16
+"""Sub-chunk length for per-channel decay (see ``_pairs``)."""
+SPAN = 40.0
+"""Largest decay range, -sum log w, inside one sub-chunk that the factorised form takes
+(exp(40) ~ 2e17: far from overflow, even in float32)."""
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@register_backend(OP, "reference", priority=0)
+def delta_reference(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
+    """Sequential recurrence, one token at a time: the definition of truth (float64-capable).
+
+    ``chunk_size`` is accepted for a common signature and not used.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = _acc(q.dtype)
+    S = (torch.zeros(B, H, K, V, dtype=acc, device=q.device) if state is None
+         else state.to(acc))
+    out = []
+    for t in range(T):
+        k_t = k[:, t].to(acc)                                                 # (B, H, K)
+        a_t = k_t if a is None else a[:, t].to(acc)
+        b_t = b[:, t].to(acc)
+        b_t = b_t[..., None] * k_t if b.dim() == 3 else b_t
+        read = torch.einsum("bhk,bhkv->bhv", a_t, S)                          # a_t^T S_{t-1}
+        if log_w is not None:
+            w = log_w[:, t].to(acc).exp()                                     # (B, H[, K])
+            S = S * (w[..., None, None] if log_w.dim() == 3 else w[..., None])
+        v_t = v[:, t].to(acc)                                                 # (B, H, V)
+        S = S + b_t[..., :, None] * read[..., None, :] + k_t[..., :, None] * v_t[..., None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc), S))
+    o = torch.stack(out, dim=1) if out else v.new_zeros(B, 0, H, V, dtype=acc)
+    return o.to(q.dtype), S.to(q.dtype)
+
+
+def _pairs(x_rows, y_cols, L_rows, Lam, strict_rows: int):
+    """Decayed inner products of every row vector with every earlier column vector.
+
+    x_rows (..., R, C, K) stacks R kinds of row vectors (reads and queries), y_cols
+    (..., P, C, K) P kinds of column vectors (write keys); Lam (..., C, Kd) is the cumulative
+    log-decay (Kd = 1: one decay per head, Kd = K: per channel) and L_rows (..., R, C, Kd) the
+    rows' own: Lam_{i-1} for the first ``strict_rows`` kinds, Lam_i for the rest. With lag
+    o_r = 1 or 0 for those, returns (..., R, P, C, C):
+
+        out[r, p, i, j] = sum_k x_r[i, k] y_p[j, k] exp(L_r[i, k] - Lam[j, k])    j <= i - o_r
+
+    else 0. Every exponent taken is <= 0, so any decay, however close to 0, neither overflows
+    nor gives NaN. The pairs j = i - o_r have exponent 0 whatever the decays: they are plain
+    dot products here, so that no gradient reaches the decays through them (it would cancel
+    only up to rounding, drowning the true, tiny gradients of decays near 0).
+    """
+    C = Lam.shape[-2]
+    R, P = x_rows.shape[-3], y_cols.shape[-3]
+    lags = [1 if r < strict_rows else 0 for r in range(R)]
+    idx = torch.arange(C, device=Lam.device)
+    decayed = torch.stack([idx[None, :] < idx[:, None] - o for o in lags])      # (R, C, C)
+    unit = torch.stack([idx[None, :] == idx[:, None] - o for o in lags])        # (R, C, C)
+    if Lam.shape[-1] == 1:                       # one decay per head: it leaves the K-sum
+        diff = L_rows[..., 0][..., :, :, None] - Lam[..., 0][..., None, None, :]  # (..,R,C,C)
+        decay = diff.masked_fill(~decayed, float("-inf")).exp() + unit.to(diff.dtype)
+        xy = x_rows.flatten(-3, -2) @ y_cols.flatten(-3, -2).transpose(-1, -2)  # (.., RC, PC)
+        xy = xy.unflatten(-1, (P, C)).unflatten(-3, (R, C)).transpose(-3, -2)  # (..,R,P,C,C)
+        return xy * decay[..., :, None, :, :]
+    # per-channel decay: sub-chunks of length s, m = C / s of them. Each pair factors through
+    # ref_I, the cumulative decay just before the row's sub-chunk I: x_i exp(L_i - ref_I) (an
+    # exponent <= 0) times y_j exp(ref_I - Lam_j). For j in an earlier sub-chunk that exponent
+    # is <= 0 too; for j inside sub-chunk I it is at most the sub-chunk's decay range, so the
+    # same matmul covers the diagonal blocks when every range is below SPAN. Otherwise
+    # (decays near 0) the diagonal blocks take their explicit (s, s, K) decays. ref cancels
+    # from every product, so no gradient flows through it.
+    s = min(SUB, C)
+    m = C // s
+    K = x_rows.shape[-1]
+    sh = x_rows.shape[:-3]
+    ref = F.pad(Lam.detach(), (0, 0, 1, 0))[..., :C:s, :]                      # (.., m, K)
+    xs = x_rows.reshape(*sh, R, m, s, K)
+    Ls = L_rows.reshape(*sh, R, m, s, K)
+    x_hat = xs * (Ls - ref[..., None, :, None, :]).exp()                        # (..,R,m,s,K)
+    narrow = bool((ref - Lam[..., s - 1::s, :]).max() <= SPAN)
+    upto = (torch.arange(m, device=Lam.device) + int(narrow)) * s
+    e = (ref[..., :, None, :] - Lam[..., None, :, :]).masked_fill(
+        ~(idx[None, :] < upto[:, None])[..., None], float("-inf")).exp()        # (.., m, C, K)
+    y_hat = (y_cols[..., :, None, :, :] * e[..., None, :, :, :]).transpose(-4, -3)
+    out = x_hat.transpose(-4, -3).flatten(-3, -2) @ y_hat.flatten(-3, -2).transpose(-1, -2)
+    out = out.unflatten(-1, (P, C)).unflatten(-3, (R, s)).permute(
+        *range(len(sh)), -4, -2, -5, -3, -1).reshape(*sh, R, P, C, C)
+    out = out.masked_fill(~decayed[:, None], 0.0) + torch.stack([torch.diag_embed(
+        (x_rows[..., r, None, o:, :] * y_cols[..., :C - o, :]).sum(-1), offset=-o)
+        for r, o in enumerate(lags)], -4)                                       # unit pairs
+    if narrow:
+        return out
+    ys = y_cols.reshape(*sh, P, m, s, K)
+    Lc = Lam.reshape(*sh, m, s, K)
+    local = decayed.view(R, m, s, m, s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    dd = (Ls[..., :, :, None, :] - Lc[..., None, :, None, :, :]).masked_fill(
+        ~local[..., None], float("-inf")).exp()                                 # (..,R,m,s,s,K)
+    diag = torch.einsum("...rmik,...pmjk,...rmijk->...rpmij", xs, ys, dd)       # (..,R,P,m,s,s)
+    blocks = torch.diag_embed(diag.movedim(-3, -1))                             # (..,s,s,m,m)
+    return out + blocks.movedim(-2, -4).transpose(-1, -2).reshape(*sh, R, P, C, C)
+
+
+def _solve_unit_lower(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """(I - L)^{-1} rhs for strictly lower-triangular L (..., C, C), rhs (..., C, n)."""
+    return torch.linalg.solve_triangular(-L, rhs, upper=False, unitriangular=True)
+
+
+@register_backend(OP, "chunked", priority=10)
+def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
+    """Chunkwise-parallel form: one triangular solve and a few matmuls per chunk, and across
+    chunks one K x K by K x V matmul each.
+
+    Inside a chunk with entering state S_0 and cumulative log-decay Lam_i = sum_{s<=i} log w_s,
+    the reads u_i = a_i^T S_{i-1} turn the recurrence into a gated linear one with two writes
+    per token, S_i = diag(w_i) S_{i-1} + b_i u_i^T + k_i v_i^T. Unrolling it,
+
+        u = A_ab u + A_ak v + (a * exp(Lam_{i-1})) S_0        (A_xy strictly lower, see _pairs)
+        o = A_qb u + A_qk v + (q * exp(Lam_i)) S_0            (A_qy lower with the diagonal)
+
+    so u = W S_0 + U with [W, U] = (I - A_ab)^{-1} [a * exp(Lam_{i-1}), A_ak v] (the UT
+    transform of Yang et al. 2024, one unit-triangular solve per chunk), and the chunk acts on
+    the state affinely: S_C = M S_0 + N with, for E = exp(Lam_C - Lam),
+    M = diag(exp(Lam_C)) + (b E)^T W and N = (b E)^T U + (k E)^T v. Only S <- M S + N runs
+    sequentially; the outputs are one batched matmul with the stacked entering states.
+    With a = k and b = beta k (beta one number per token) both writes share the key k, with
+    value z = beta u + v, so only A_kk and A_qk are needed.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    acc = _acc(q.dtype)
+    C = max(1, min(chunk_size, T))
+    if log_w is not None and log_w.dim() == 4 and C > SUB:
+        C = -(-C // SUB) * SUB                   # whole sub-chunks
+    n = -(-T // C)
+    pad = n * C - T
+
+    # (B, H, n, C, .) layout; padded tokens have k = v = a = b = 0 and log w = 0: they change
+    # nothing
+    def prep(x):
+        x = x.to(acc).transpose(1, 2)
+        x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))[..., None]
+        return x.reshape(B, H, n, C, x.shape[-1])
+
+    qc, kc, vc, bc = prep(q), prep(k), prep(v), prep(b)
+    lw = (prep(log_w) if log_w is not None
+          else torch.zeros(B, H, n, C, 1, dtype=acc, device=q.device))
+    Lam = lw.cumsum(-2)                                                  # (B, H, n, C, Kd)
+    Lam_prev = F.pad(Lam, (0, 0, 1, 0))[..., :C, :]                      # Lam_{i-1}, exact
+    # decay from each token to the chunk's end, summed directly (no Lam_C - Lam_j cancellation)
+    E = F.pad(lw.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1)).exp()
+    if a is None and b.dim() == 3:               # plain delta rule: one write key, k
+        A = _pairs(torch.stack([kc, qc], -3), kc[..., None, :, :],
+                   torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,1,C,C)
+        A_kk, A_qk = A[..., 0, 0, :, :], A[..., 1, 0, :, :]
+        WU = _solve_unit_lower(A_kk * bc.transpose(-1, -2),                # [W | U]
+                               torch.cat([kc * Lam_prev.exp(), A_kk @ vc], -1))
+        WZ = bc * WU + F.pad(vc, (K, 0))                # z = W_z S_0 + Z, stored as [W_z | Z]
+        read = A_qk @ WZ                                                 # (B, H, n, C, K+V)
+        q_read, o_local = qc * Lam.exp() + read[..., :K], read[..., K:]
+        MN = (kc * E).transpose(-1, -2) @ WZ                             # (B, H, n, K, K+V)
+        M, N = MN[..., :K], MN[..., K:]
+    else:
+        ac = kc if a is None else prep(a)
+        bc = bc * kc if b.dim() == 3 else bc
+        A = _pairs(torch.stack([ac, qc], -3), torch.stack([bc, kc], -3),
+                   torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,2,C,C)
+        A_ab, A_ak, A_qb, A_qk = (A[..., i, j, :, :] for i in (0, 1) for j in (0, 1))
+        WU = _solve_unit_lower(A_ab, torch.cat([ac * Lam_prev.exp(), A_ak @ vc], -1))  # [W|U]
+        read = A_qb @ WU                                                 # [A_qb W | A_qb U]
+        q_read, o_local = qc * Lam.exp() + read[..., :K], read[..., K:] + A_qk @ vc
+        MN = (bc * E).transpose(-1, -2) @ WU                             # (B, H, n, K, K+V)
+        M, N = MN[..., :K], MN[..., K:] + (kc * E).transpose(-1, -2) @ vc
+    M = M + torch.diag_embed(Lam[..., -1, :].exp().expand(B, H, n, K))  # (B, H, n, K, K)
+    S = (torch.zeros(B * H, K, V, dtype=acc, device=q.device) if state is None
+         else state.to(acc).reshape(B * H, K, V))
+    entering = []
+    for M_c, N_c in zip(M.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, K).unbind(0),
+                        N.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V).unbind(0)):
+        entering.append(S)                                               # recurrence across
+        S = torch.baddbmm(N_c, M_c, S)
+    S0 = torch.stack(entering, 1).view(B, H, n, K, V)
+    o = q_read @ S0 + o_local                                            # (B, H, n, C, V)
+    o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
+    return o.to(q.dtype), S.view(B, H, K, V).to(q.dtype)
