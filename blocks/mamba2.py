@@ -9,7 +9,11 @@ N = d_state; G = n_groups sharing B and C; per head a scalar A < 0 and step dt >
     y_t = h_t C_t + D x_t
     out = out_proj(rmsnorm(y * silu(z)))                 (norm per group of d_inner / G)
 
-The scan is the ``gated_linear_recurrence`` op with q = C, k = B, v = dt * x, log g = dt * A.
+The scan is the ``gated_linear_recurrence`` op with q = C, k = B, v = dt * x, log g = dt * A;
+the G groups are the op's shared q/k heads. With Hugging Face's Mamba2Mixer weights (its
+``norm.weight`` is our ``norm_weight``) the outputs match its torch path: the same in_proj
+layout, the gate applied before the norm (norm_before_gate=False), dt clamped to ``dt_limit``
+(its time_step_limit) and ``norm_eps`` (its layer_norm_epsilon).
 State: ``{"conv": (B, conv_dim, d_conv - 1), "ssm": (B, H, N, P)}``, constant in T.
 """
 from __future__ import annotations
@@ -52,6 +56,10 @@ class Mamba2Spec(BlockSpec):
     """A is initialised as -uniform(A_init_min, A_init_max) per head."""
     A_init_max: float = Field(16.0, gt=0)
     """See A_init_min."""
+    dt_limit: tuple[float, float] | None = None
+    """Clamp dt = softplus(.) into [low, high] (Hugging Face's time_step_limit); null: none."""
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of the gated RMSNorm."""
     conv_bias: bool = True
     """Bias in the convolution."""
     bias: bool = False
@@ -70,6 +78,9 @@ class Mamba2Spec(BlockSpec):
         if self.dt_min > self.dt_max:
             out.append(("dt_min", self.dt_min, f"dt_min exceeds dt_max {self.dt_max}",
                         "swap them"))
+        if self.dt_limit is not None and not 0 <= self.dt_limit[0] <= self.dt_limit[1]:
+            out.append(("dt_limit", self.dt_limit, "needs 0 <= low <= high",
+                        "give [low, high] with 0 <= low <= high, or null"))
         if self.A_init_min > self.A_init_max:
             out.append(("A_init_min", self.A_init_min, f"exceeds A_init_max {self.A_init_max}",
                         "swap them"))
@@ -137,26 +148,27 @@ class Mamba2(Block):
         xBC = F.silu(self.conv1d(seq).transpose(1, 2))                       # (B, T, conv_dim)
         GN = s.n_groups * s.d_state
         x, Bm, Cm = xBC.split([self.d_inner, GN, GN], dim=-1)
-        rep = self.H // s.n_groups
-        Bm = Bm.view(B_, T, s.n_groups, s.d_state).repeat_interleave(rep, dim=2)  # (B,T,H,N)
-        Cm = Cm.view(B_, T, s.n_groups, s.d_state).repeat_interleave(rep, dim=2)
+        Bm = Bm.view(B_, T, s.n_groups, s.d_state)                                # (B,T,G,N)
+        Cm = Cm.view(B_, T, s.n_groups, s.d_state)
         x = x.reshape(B_, T, self.H, s.head_dim)                                  # (B,T,H,P)
-        dt = F.softplus(dt.float() + self.dt_bias.float())                         # (B,T,H)
-        A = -torch.exp(self.A_log.float())                                         # (H,)
-        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        acc = state["ssm"].dtype
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))                         # (B,T,H)
+        if s.dt_limit is not None:
+            dt = dt.clamp(*s.dt_limit)
+        A = -torch.exp(self.A_log.to(acc))                                         # (H,)
         y, ssm = op("gated_linear_recurrence")(
-            Cm.to(acc), Bm.to(acc), x.to(acc) * dt[..., None].to(acc), (dt * A).to(acc),
-            state["ssm"], chunk_size=s.chunk_size)
+            Cm.to(acc), Bm.to(acc), x.to(acc) * dt[..., None], dt * A, state["ssm"],
+            chunk_size=s.chunk_size)
         y = y + x.to(acc) * self.D.to(acc)[:, None]
         y = y.reshape(B_, T, self.d_inner)
         y = self._gated_norm(y, z.to(acc)).to(u.dtype)
-        return self.out_proj(y), {"conv": conv_state, "ssm": ssm.to(state["ssm"].dtype)}
+        return self.out_proj(y), {"conv": conv_state, "ssm": ssm.to(acc)}
 
     def _gated_norm(self, y, z):
         """rmsnorm(y * silu(z)) over groups of d_inner / n_groups channels, times a weight."""
         g = self.spec.n_groups
         h = (y * F.silu(z)).view(*y.shape[:-1], g, self.d_inner // g)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
         return h.view_as(y) * self.norm_weight.to(h.dtype)
 
     @classmethod

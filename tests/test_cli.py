@@ -51,7 +51,7 @@ def test_check_table():
     (["check", "model.schedule.pattern=M-Q"], "unknown pattern symbol 'Q'"),
     (["chek"], "did you mean 'check'"),
     (["viz", "--formats", "gif"], "unknown format"),
-    (["schema", "--block", "mambo"], "did you mean 'mamba2'"),
+    (["schema", "--block", "mamba3"], "did you mean 'mamba'"),
     (["train", "model.schedule.ratio=3:x"], "bad ratio"),
     (["train", "-m", "model.schedule.ratio=1:1,3:1,0:0", "train.steps=1"], "sweep job"),
 ])

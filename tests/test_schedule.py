@@ -159,3 +159,31 @@ def test_all_problems_reported_at_once():
         recipe_from({"blocks": {"attention": {"n_heads": 3, "n_kv_heads": 2}},
                      "schedule": {"layers": ["attention", "mamba2"]}})
     assert len(ei.value.problems) == 2
+
+
+@pytest.mark.parametrize("name,mixers,ffns", [
+    ("jamba_tiny", "mmmm*mmm" * 2, "-E" * 8),
+    ("samba_tiny", "mS" * 4, "-" * 8),
+    ("gemma3_tiny", "*" * 24, "-" * 24),
+    ("qwen3_next_tiny", "GGG*" * 2, "E" * 8),
+    ("minimax01_tiny", "LLLLLLL*", "E" * 8),
+    ("recurrentgemma_tiny", "rrA" * 3, "-" * 9),
+    ("zamba_tiny", "MMM*" * 2, "-" * 8),
+    ("hymba_tiny", "PPPP", "-" * 4),
+    ("nemotron_h_tiny", "M-M-M*-M-M-M-M*-", ""),
+])
+def test_well_known_layouts(name, mixers, ffns):
+    r = composer.load_recipe(name)
+    pat = r.schedule.pattern
+    if r.schedule.counting == "hf":
+        assert pat[0::2] == mixers and pat[1::2] == ffns
+    else:
+        assert pat == mixers and not ffns
+
+
+def test_jamba_attention_every_8_at_offset_4_and_moe_every_2():
+    r = composer.load_recipe("jamba_tiny")
+    mix = [e for e in r.schedule.entries if e.role == "mixer"]
+    ffn = [e for e in r.schedule.entries if e.role == "ffn"]
+    assert [e.layer for e in mix if e.kind == "attention"] == [4, 12]
+    assert [e.layer for e in ffn if e.kind == "moe"] == list(range(1, 16, 2))
