@@ -124,12 +124,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     r = cos.shape[-1]
     if r == 0:
         return x
-    xr, xp = x[..., :r], x[..., r:]
+    work = torch.promote_types(x.dtype, cos.dtype)
+    xr = x if r == x.shape[-1] else x[..., :r]
     x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
     rot = torch.cat([-x2, x1], dim=-1)
-    work = torch.promote_types(x.dtype, cos.dtype)
     xr = (xr.to(work) * cos + rot.to(work) * sin).to(x.dtype)
-    return torch.cat([xr, xp], dim=-1)
+    return xr if r == x.shape[-1] else torch.cat([xr, x[..., r:]], dim=-1)
 
 
 class HeadRMSNorm(nn.Module):

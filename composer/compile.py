@@ -94,6 +94,9 @@ class ComposedModel(nn.Module):
                       [v for v, last in last_read.items() if last == step])
                      for step, nid in enumerate(order)]
         self._init_weights(m.init_std)
+        # the module of each plan step, looked up once (a plain list: not registered again)
+        self._runs = [None if op_ in ("embed", "norm", "head") else self.get_submodule(key)
+                      for _, op_, key, _, _ in self.plan]
 
     @torch.no_grad()
     def _init_weights(self, std: float) -> None:
@@ -119,15 +122,15 @@ class ComposedModel(nn.Module):
         new_state: dict[str, Any] = {}
         vals: dict[str, torch.Tensor] = {}
         with use_kernels(self.kernels), collect_aux_losses() as aux:
-            for nid, op_, key, inputs, done in self.plan:
+            for (nid, op_, key, inputs, done), mod in zip(self.plan, self._runs):
                 if op_ == "embed":
                     vals[nid] = self.embed(input_ids)
                 elif op_ in ("residual", "branch"):
                     st = None if state is None else state.get(nid)
-                    vals[nid], new_state[nid] = self.get_submodule(key)(
-                        vals[inputs[0]], st, residual=(op_ == "residual"))
+                    vals[nid], new_state[nid] = mod(vals[inputs[0]], st,
+                                                    residual=(op_ == "residual"))
                 elif op_ == "combine":
-                    y, _ = self.get_submodule(key)([vals[i] for i in inputs[1:]])
+                    y, _ = mod([vals[i] for i in inputs[1:]])
                     vals[nid] = vals[inputs[0]] + y
                 elif op_ == "norm":
                     vals[nid] = self.norm(vals[inputs[0]])

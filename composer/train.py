@@ -45,6 +45,7 @@ from composer.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits
                            unigram_bpb)
 from composer.errors import CheckpointError, RecipeError
 from composer.plots import plot_losses
+from composer.runtime import tune_cpu_allocator
 
 
 def pick_device(name: str) -> torch.device:
@@ -208,6 +209,8 @@ def run(recipe, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 

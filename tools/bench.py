@@ -5,8 +5,8 @@
 
 One step = forward + backward of the mean next-token cross-entropy, batch 1, fp32, the sizes
 below (d_model 256, 4 layers, vocab 256); tokens/s = T / median step time over repeats after one
-warm-up step. Both sides of a case are built with matching widths and run in the same process,
-one after the other, so they see the same machine state. Also measured: each op's ``chunked``
+warm-up step. Both sides of a case are built with matching widths and timed interleaved, step
+for step, in the same process, so they see the same machine state. Also measured: each op's ``chunked``
 backend against its ``reference`` at T=2048 (forward + backward), achieved GFLOP/s (3 x the
 layer graph's forward FLOPs per token x T / step time) and this machine's fp32 matmul
 throughput. Not imported by the package; needs transformers (the test extra).
@@ -79,7 +79,7 @@ def hf_gdn():
         num_key_value_heads=4, head_dim=64, intermediate_size=FF, num_experts=0,
         layer_types=["linear_attention"] * L, linear_num_key_heads=4, linear_num_value_heads=4,
         linear_key_head_dim=64, linear_value_head_dim=64, max_position_embeddings=32768,
-        tie_word_embeddings=True))
+        tie_word_embeddings=True, use_cache=False))
 
 
 MLP = {"mlp": {"activation": "swiglu", "d_ff": FF}}
@@ -113,8 +113,8 @@ CASES = {
 
 
 # --------------------------------------------------------------------------------------------
-def step_time(model, T: int, min_reps: int = 3, budget_s: float = 4.0) -> float:
-    """Median seconds of one forward + backward step at length T (after one warm-up step)."""
+def _stepper(model, T: int):
+    """A function running one forward + backward step of ``model`` at length T."""
     ids = torch.randint(0, V, (1, T + 1))
 
     def one():
@@ -123,13 +123,24 @@ def step_time(model, T: int, min_reps: int = 3, budget_s: float = 4.0) -> float:
         logits = out.logits if hasattr(out, "logits") else out
         F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
 
-    one()
-    times, start = [], time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 10):
-        t = time.perf_counter()
+    return one
+
+
+def step_times(models: list, T: int, min_reps: int = 3, budget_s: float = 6.0) -> list[float]:
+    """Median seconds of one step for each model, measured interleaved (A, B, A, B, ...) after
+    one warm-up step each, so slow drifts of a shared machine hit every model alike."""
+    steps = [_stepper(m, T) for m in models]
+    for one in steps:
         one()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in models]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or (time.perf_counter() - start < budget_s
+                                       and len(times[0]) < 10):
+        for one, ts in zip(steps, times):
+            t = time.perf_counter()
+            one()
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times]
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -147,6 +158,7 @@ def op_speedups(T: int = 2048) -> list[tuple[str, float, float]]:
     shapes = {  # representative per-layer shapes at d_model 256
         "gated_linear_recurrence": lambda: _glr_args(T),
         "delta_rule": lambda: _delta_args(T),
+        "selective_scan": lambda: _scan_args(T),
     }
     out = []
     for name, backends in ops().items():
@@ -181,6 +193,12 @@ def _delta_args(T):
              torch.randn(1, T, H, K), -torch.rand(1, T, H), -torch.rand(1, T, H)], {})
 
 
+def _scan_args(T):
+    D_inner, N = 512, 16  # Mamba-1 at d_model 256: u, dt, A, B, C
+    return ([torch.randn(1, T, D_inner), torch.rand(1, T, D_inner) * 0.1,
+             -torch.rand(D_inner, N) * 8, torch.randn(1, T, N), torch.randn(1, T, N)], {})
+
+
 def fmt_rate(tps: float | None) -> str:
     return "—" if tps is None else f"{tps / 1000:.1f}k"
 
@@ -197,6 +215,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from composer.runtime import tune_cpu_allocator
+    tuned = tune_cpu_allocator()  # for both sides alike (see composer/runtime.py)
     have = block_types()
     rows, scaling, gflops = [], [], []
     peak = matmul_gflops()
@@ -209,8 +229,8 @@ def main(argv=None) -> int:
         hf = hf_build() if hf_build else None
         per_t = {}
         for T in args.lengths:
-            t_ours = step_time(ours, T)
-            t_hf = step_time(hf, T) if hf is not None and T <= args.hf_max_len else None
+            pair = [ours] + ([hf] if hf is not None and T <= args.hf_max_len else [])
+            t_ours, t_hf = (step_times(pair, T) + [None])[:2]
             per_t[T] = t_ours
             fl = 3 * totals(graph, T)["flops_per_token"] * T / t_ours / 1e9
             gflops.append((name, T, fl))
@@ -221,7 +241,7 @@ def main(argv=None) -> int:
         if 2048 in per_t and 16384 in per_t:
             scaling.append((name, per_t[16384] / per_t[2048]))
     speed = op_speedups()
-    text = render(rows, scaling, gflops, speed, peak, args)
+    text = render(rows, scaling, gflops, speed, peak, args, tuned)
     if args.out == "-":
         print(text)
     else:
@@ -231,13 +251,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(rows, scaling, gflops, speed, peak, args) -> str:
+def render(rows, scaling, gflops, speed, peak, args, tuned: bool) -> str:
     cpu = _cpu_name()
     lines = [f"# Benchmarks", "",
              f"Machine: {cpu}, {args.threads} threads; torch {torch.__version__}; "
              f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
              f"Measured with `python tools/bench.py` (one training step, forward + backward, "
-             f"batch 1, fp32, d_model {D}, {L} layers, vocab {V}).", "",
+             f"batch 1, fp32, d_model {D}, {L} layers, vocab {V}; glibc allocator tuning "
+             f"{'on' if tuned else 'off'} for the whole process, so for both sides: "
+             "`composer/runtime.py`).", "",
              "## Tokens per second, hycomp vs Hugging Face", "",
              "| model | T | hycomp tok/s | HF tok/s | hycomp / HF |", "|---|---|---|---|---|"]
     for name, T, ours, hf in rows:

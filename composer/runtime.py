@@ -1,0 +1,42 @@
+"""Process-level settings for training and benchmarking on CPUs.
+
+:func:`tune_cpu_allocator`: glibc's malloc serves blocks above a threshold (at most 32 MiB) with
+fresh ``mmap`` calls and returns them to the kernel on free, so every large activation of every
+step is page-faulted and zeroed again. At long sequence lengths that dominates a step: measured
+here (2 cores, d_model 256, 4 Mamba-2 layers, T=16384) 2.37 million page faults and 8.4 s per
+step, against 8 thousand faults and 4.0 s with the allocator told to keep freed memory
+(``M_MMAP_MAX=0``: no mmap for large blocks; a high ``M_TRIM_THRESHOLD``: no trimming). The
+price is that the process keeps its peak heap until it exits, which suits a training run. The
+PyTorch CPU performance guide recommends jemalloc or tcmalloc for the same reason; this needs
+no extra library. Set ``HYCOMP_MALLOC_TUNING=0`` to leave the allocator alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_done = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Tell glibc's malloc to keep and reuse freed memory; True when it took effect.
+
+    Does nothing (False) off Linux/glibc or with ``HYCOMP_MALLOC_TUNING=0``; idempotent.
+    """
+    global _done
+    if _done:
+        return True
+    if os.environ.get("HYCOMP_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    ok = (mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+          and mallopt(_M_TOP_PAD, 64 << 20) == 1)
+    _done = ok
+    return ok
