@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -66,11 +66,7 @@ class SoftmaxAttentionSpec(BlockSpec):
         return self.head_dim or d_model // self.n_heads
 
     def problems(self, d_model, max_seq_len):
-        out = []
-        if self.head_dim is None and d_model % self.n_heads:
-            out.append(("n_heads", self.n_heads,
-                        f"d_model {d_model} is not divisible by n_heads {self.n_heads}",
-                        "pick n_heads dividing d_model, or set head_dim"))
+        out = heads_problem(d_model, self.n_heads, self.head_dim)
         if self.n_heads % self.kv_heads():
             out.append(("n_kv_heads", self.n_kv_heads,
                         f"n_kv_heads {self.n_kv_heads} does not divide n_heads {self.n_heads}",
@@ -112,7 +108,7 @@ def rope_cache(dim: int, theta: float, positions: torch.Tensor,
 
     Angles are computed in float32 (as Hugging Face's rotary modules do), in float64 for float64.
     """
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = accum_dtype(dtype)
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=work, device=positions.device) / dim)
     ang = positions.to(work)[:, None] * inv[None]                     # (T, dim/2)
     ang = torch.cat([ang, ang], dim=-1)

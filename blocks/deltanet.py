@@ -26,7 +26,8 @@ from pydantic import Field
 from torch import nn
 
 from blocks.gated_deltanet import l2norm
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import (Block, BlockSpec, accum_dtype, causal_conv, heads_problem,
+                            linear_flops)
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -55,11 +56,7 @@ class DeltaNetSpec(BlockSpec):
         return self.head_dim or d_model // self.n_heads
 
     def problems(self, d_model, max_seq_len):
-        if self.head_dim is None and d_model % self.n_heads:
-            return [("n_heads", self.n_heads,
-                     f"d_model {d_model} is not divisible by n_heads {self.n_heads}",
-                     "pick n_heads dividing d_model, or set head_dim")]
-        return []
+        return heads_problem(d_model, self.n_heads, self.head_dim)
 
 
 @register_block("deltanet", spec=DeltaNetSpec, role="mixer", symbol="D",
@@ -81,7 +78,7 @@ class DeltaNet(Block):
         self.o_proj = nn.Linear(inner, d_model, bias=spec.bias)
 
     def init_state(self, batch, device, dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         conv = max(self.spec.d_conv - 1, 0)
         return {"conv": torch.zeros(batch, 3 * self.H * self.d, conv, device=device,
                                     dtype=dtype),
@@ -96,10 +93,7 @@ class DeltaNet(Block):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)  # (B, T, 3Hd)
         conv_state = state["conv"]
         if self.conv1d is not None:
-            # causal depthwise conv over [previous d_conv - 1 inputs, this chunk]
-            seq = torch.cat([conv_state.to(qkv.dtype), qkv.transpose(1, 2)], dim=-1)
-            conv_state = seq[..., seq.shape[-1] - (s.d_conv - 1):]
-            qkv = self.conv1d(seq).transpose(1, 2)
+            qkv, conv_state = causal_conv(self.conv1d, qkv, conv_state)
         acc = state["recurrent"].dtype
         q, k, v = F.silu(qkv).to(acc).view(B, T, 3, self.H, self.d).unbind(2)   # (B,T,H,d)
         q, k = l2norm(q, 1e-6) * self.d ** -0.5, l2norm(k, 1e-6)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -118,7 +118,7 @@ class GatedDeltaNet(Block):
 
     def init_state(self, batch, device, dtype):
         s = self.spec
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         return {"conv": torch.zeros(batch, self.conv_dim, s.d_conv - 1, device=device,
                                     dtype=dtype),
                 # the recurrent state stays in float32 (float64 when asked) for bf16 too
@@ -144,10 +144,8 @@ class GatedDeltaNet(Block):
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
         qkv, z, b, a = self.split(x)
-        # causal depthwise conv over [previous d_conv - 1 inputs, this chunk]
-        seq = torch.cat([state["conv"].to(qkv.dtype), qkv.transpose(1, 2)], dim=-1)
-        conv_state = seq[..., seq.shape[-1] - (s.d_conv - 1):]
-        qkv = F.silu(self.conv1d(seq)).transpose(1, 2)                        # (B, T, conv)
+        qkv, conv_state = causal_conv(self.conv1d, qkv, state["conv"])
+        qkv = F.silu(qkv)                                                     # (B, T, conv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         acc = state["recurrent"].dtype
         q = l2norm(q.reshape(B, T, s.n_k_heads, s.head_k_dim).to(acc), s.norm_eps)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -84,7 +84,7 @@ class GLA(Block):
         self.norm_weight = nn.Parameter(torch.ones(self.dv))
 
     def init_state(self, batch, device, dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         return {"S": torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=acc)}
 
     def forward(self, x, state=None):

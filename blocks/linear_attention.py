@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -59,11 +59,7 @@ class LinearAttentionSpec(BlockSpec):
         return self.head_dim or d_model // self.n_heads
 
     def problems(self, d_model, max_seq_len):
-        out = []
-        if self.head_dim is None and d_model % self.n_heads:
-            out.append(("n_heads", self.n_heads,
-                        f"d_model {d_model} is not divisible by n_heads {self.n_heads}",
-                        "pick n_heads dividing d_model, or set head_dim"))
+        out = heads_problem(d_model, self.n_heads, self.head_dim)
         if self.normalize and self.feature_map == "identity":
             out.append(("normalize", self.normalize, "with the identity feature map the "
                         "denominator phi(q) . sum phi(k) can be zero or negative",
@@ -89,7 +85,7 @@ class LinearAttention(Block):
         self.phi = FEATURE_MAPS[spec.feature_map]
 
     def init_state(self, batch, device, dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         return {"S": torch.zeros(batch, self.H, self.d, self.d + self.spec.normalize,
                                  device=device, dtype=acc)}
 

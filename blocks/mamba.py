@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -108,8 +108,7 @@ class Mamba(Block):
                                     dtype=dtype),
                 # the scan state stays in fp32 (fp64 when asked) even for bf16 activations
                 "ssm": torch.zeros(batch, self.d_inner, s.d_state, device=device,
-                                   dtype=torch.float64 if dtype == torch.float64
-                                   else torch.float32)}
+                                   dtype=accum_dtype(dtype))}
 
     def forward(self, u, state=None):
         s = self.spec
@@ -117,10 +116,8 @@ class Mamba(Block):
         if state is None:
             state = self.init_state(B_, u.device, u.dtype)
         x, z = self.in_proj(u).chunk(2, dim=-1)                              # (B, T, D) each
-        # causal depthwise conv over [previous d_conv - 1 inputs, this call's inputs]
-        seq = torch.cat([state["conv"].to(x.dtype), x.transpose(1, 2)], dim=-1)
-        conv_state = seq[..., seq.shape[-1] - (s.d_conv - 1):]
-        x = F.silu(self.conv1d(seq).transpose(1, 2))                          # (B, T, D)
+        x, conv_state = causal_conv(self.conv1d, x, state["conv"])
+        x = F.silu(x)                                                         # (B, T, D)
         dt, Bm, Cm = self.x_proj(x).split([self.R, s.d_state, s.d_state], dim=-1)
         acc = state["ssm"].dtype
         dt = F.softplus(self.dt_proj(dt).to(acc) + self.dt_bias.to(acc))      # (B, T, D)

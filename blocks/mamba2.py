@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -132,8 +132,7 @@ class Mamba2(Block):
                                     dtype=dtype),
                 # the scan state stays in fp32 (fp64 when asked) even for bf16 activations
                 "ssm": torch.zeros(batch, self.H, s.d_state, s.head_dim, device=device,
-                                   dtype=torch.float64 if dtype == torch.float64
-                                   else torch.float32)}
+                                   dtype=accum_dtype(dtype))}
 
     def forward(self, u, state=None):
         s = self.spec
@@ -142,10 +141,8 @@ class Mamba2(Block):
             state = self.init_state(B_, u.device, u.dtype)
         zxbcdt = self.in_proj(u)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        # causal depthwise conv over [previous d_conv - 1 inputs, this chunk]
-        seq = torch.cat([state["conv"].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
-        conv_state = seq[..., seq.shape[-1] - (s.d_conv - 1):]
-        xBC = F.silu(self.conv1d(seq).transpose(1, 2))                       # (B, T, conv_dim)
+        xBC, conv_state = causal_conv(self.conv1d, xBC, state["conv"])
+        xBC = F.silu(xBC)                                                    # (B, T, conv_dim)
         GN = s.n_groups * s.d_state
         x, Bm, Cm = xBC.split([self.d_inner, GN, GN], dim=-1)
         Bm = Bm.view(B_, T, s.n_groups, s.d_state)                                # (B,T,G,N)

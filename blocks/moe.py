@@ -32,7 +32,7 @@ from torch import nn
 
 from blocks.mlp import MLP, MLPSpec
 from composer.aux import add_aux_loss
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.registry import register_block
 
 
@@ -123,7 +123,7 @@ class MoE(Block):
 
         Probabilities and weights are computed in float32 (float64 for float64 inputs)."""
         s = self.spec
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = accum_dtype(logits.dtype)
         probs = logits.softmax(-1, dtype=acc)
         if s.router == "softmax_topk":
             w, idx = probs.topk(s.top_k, dim=-1)

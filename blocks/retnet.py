@@ -27,7 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from blocks.attention import apply_rope, rope_cache
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -58,12 +58,8 @@ class RetNetSpec(BlockSpec):
         return int(self.expand_v * d_model)
 
     def problems(self, d_model, max_seq_len):
-        out = []
-        if self.head_dim is None and d_model % self.n_heads:
-            out.append(("n_heads", self.n_heads,
-                        f"d_model {d_model} is not divisible by n_heads {self.n_heads}",
-                        "pick n_heads dividing d_model, or set head_dim"))
-        elif self.rope and self.dim(d_model) % 2:
+        out = heads_problem(d_model, self.n_heads, self.head_dim)
+        if not out and self.rope and self.dim(d_model) % 2:
             out.append(("head_dim", self.dim(d_model), "RoPE rotates pairs of dims",
                         "use an even head_dim, or rope: false"))
         vw = self.value_width(d_model)
@@ -95,7 +91,7 @@ class RetNet(Block):
             self.H, dtype=torch.float64))), persistent=False)                     # (H,)
 
     def init_state(self, batch, device, dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         return {"S": torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=acc),
                 "pos": 0}
 

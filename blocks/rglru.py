@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -115,7 +115,7 @@ class RGLRU(Block):
         self.recurrent_param.copy_(torch.log(1 / a - 1))       # softplus(p) = -log a
 
     def init_state(self, batch, device, dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         return {"conv": torch.zeros(batch, self.W, self.spec.d_conv - 1, device=device,
                                     dtype=dtype),
                 "h": torch.zeros(batch, self.W, 1, device=device, dtype=acc), "pos": 0}
@@ -132,9 +132,7 @@ class RGLRU(Block):
             state = self.init_state(B_, x.device, x.dtype)
         y = F.gelu(self.linear_y(x), approximate="tanh")
         xb = self.linear_x(x)
-        seq = torch.cat([state["conv"].to(xb.dtype), xb.transpose(1, 2)], dim=-1)
-        conv_state = seq[..., seq.shape[-1] - (s.d_conv - 1):]
-        xb = self.conv_1d(seq).transpose(1, 2)                                # (B, T, W)
+        xb, conv_state = causal_conv(self.conv_1d, xb, state["conv"])         # (B, T, W)
         acc = state["h"].dtype
         r = self._gate(xb, self.recurrent_gate_weight, self.recurrent_gate_bias).to(acc)
         i = self._gate(xb, self.input_gate_weight, self.input_gate_bias).to(acc)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
+from composer.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.kernels import op
 from composer.registry import register_block
 
@@ -105,7 +105,7 @@ class RWKV7(Block):
         self.ln_x = nn.GroupNorm(self.H, D, eps=spec.norm_eps)
 
     def init_state(self, batch, device, dtype):
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = accum_dtype(dtype)
         return {"shift": torch.zeros(batch, self.d_model, device=device, dtype=dtype),
                 "wkv": torch.zeros(batch, self.H, self.N, self.N, device=device, dtype=acc)}
 

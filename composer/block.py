@@ -67,3 +67,31 @@ class Block(nn.Module):
 def linear_flops(*shapes: tuple[int, int]) -> float:
     """Forward FLOPs per token of dense layers with the given (in, out) shapes: 2·in·out each."""
     return float(sum(2 * i * o for i, o in shapes))
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for recurrent states and scans: float64 for float64 inputs, else float32 (bf16
+    activations keep an fp32 state)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def causal_conv(conv: nn.Conv1d, x: torch.Tensor,
+                prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise convolution that continues across calls.
+
+    x (B, T, C) this call's inputs; prev (B, C, k - 1) the last k - 1 inputs before them (zeros
+    at the start). Returns the convolution (B, T, C), before any activation, and the new
+    ``prev``: the last k - 1 inputs of [prev, x].
+    """
+    seq = torch.cat([prev.to(x.dtype), x.transpose(1, 2)], dim=-1)        # (B, C, k - 1 + T)
+    keep = conv.kernel_size[0] - 1
+    return conv(seq).transpose(1, 2), seq[..., seq.shape[-1] - keep:]
+
+
+def heads_problem(d_model: int, n_heads: int, head_dim: int | None) -> list:
+    """``problems()`` entries for a width that does not split into heads (empty when it does:
+    an explicit head_dim needs no division)."""
+    if head_dim is None and d_model % n_heads:
+        return [("n_heads", n_heads, f"d_model {d_model} is not divisible by n_heads {n_heads}",
+                 "pick n_heads dividing d_model, or set head_dim")]
+    return []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -96,18 +97,18 @@ CASES = {
     "gated_deltanet": ({"ffn": "mlp", "blocks": {"gated_deltanet": {"n_k_heads": 4,
                                                                        "n_v_heads": 4}, **MLP},
                         "schedule": {"pattern": "G"}}, hf_gdn, ["gated_deltanet"]),
-    "mamba": ({"ffn": None, "blocks": {"mamba": {}}, "schedule": {"layers": ["mamba"]}},
+    "mamba": ({"ffn": None, "blocks": {"mamba": {}}, "schedule": {"pattern": "m"}},
               None, ["mamba"]),
-    "gla": ({"ffn": "mlp", "blocks": {"gla": {}, **MLP}, "schedule": {"layers": ["gla"]}},
+    "gla": ({"ffn": "mlp", "blocks": {"gla": {}, **MLP}, "schedule": {"pattern": "g"}},
             None, ["gla"]),
     "retnet": ({"ffn": "mlp", "blocks": {"retnet": {}, **MLP},
-                "schedule": {"layers": ["retnet"]}}, None, ["retnet"]),
+                "schedule": {"pattern": "R"}}, None, ["retnet"]),
     "linear_attention": ({"ffn": "mlp", "blocks": {"linear_attention": {}, **MLP},
-                          "schedule": {"layers": ["linear_attention"]}}, None,
+                          "schedule": {"pattern": "L"}}, None,
                          ["linear_attention"]),
     "deltanet": ({"ffn": "mlp", "blocks": {"deltanet": {}, **MLP},
-                  "schedule": {"layers": ["deltanet"]}}, None, ["deltanet"]),
-    "rwkv7": ({"ffn": "mlp", "blocks": {"rwkv7": {}, **MLP}, "schedule": {"layers": ["rwkv7"]}},
+                  "schedule": {"pattern": "D"}}, None, ["deltanet"]),
+    "rwkv7": ({"ffn": "mlp", "blocks": {"rwkv7": {}, **MLP}, "schedule": {"pattern": "W"}},
               None, ["rwkv7"]),
 }
 
@@ -153,7 +154,9 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 
 
 def op_speedups(T: int = 2048) -> list[tuple[str, float, float]]:
-    """(op, reference s, chunked s) for fwd + bwd of each op having both backends."""
+    """(op, reference s, chunked s): median of 3 forward + backward runs after a warm-up, for
+    each op having both backends (attention's reference is a dense masked softmax, not a
+    sequential loop, so it has no shape here: its speed shows in the model tables)."""
     from composer.kernels import op, use_kernels
     shapes = {  # representative per-layer shapes at d_model 256
         "gated_linear_recurrence": lambda: _glr_args(T),
@@ -169,14 +172,16 @@ def op_speedups(T: int = 2048) -> list[tuple[str, float, float]]:
             continue
         res = []
         for b in ("reference", "chunked"):
-            leaves = [a.clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a
-                      for a in args[0]]
-            with use_kernels({name: b}):
-                t = time.perf_counter()
-                o = op(name)(*leaves, **args[1])
-                o = o[0] if isinstance(o, tuple) else o
-                o.float().square().mean().backward()
-                res.append(time.perf_counter() - t)
+            def run(b=b):
+                leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args[0]]
+                with use_kernels({name: b}):
+                    t = time.perf_counter()
+                    o = op(name)(*leaves, **args[1])
+                    o = o[0] if isinstance(o, tuple) else o
+                    o.float().square().mean().backward()
+                    return time.perf_counter() - t
+            run()  # warm-up
+            res.append(statistics.median(run() for _ in range(3)))
         out.append((name, *res))
     return out
 
@@ -205,13 +210,17 @@ def fmt_rate(tps: float | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument("--cases", nargs="*", default=list(CASES),
+                    help="model cases to time (none: only the op table)")
     ap.add_argument("--lengths", nargs="*", type=int, default=[512, 2048, 8192, 16384])
     ap.add_argument("--hf-max-len", type=int, default=8192,
                     help="skip HF models above this length (their numbers are for comparison)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                     help="markdown file to write, or - for stdout only")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "benchmarks.json"),
+                    help="measurements kept between runs: a run replaces the rows of the cases "
+                         "it measures and the table shows them all")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -241,7 +250,12 @@ def main(argv=None) -> int:
         if 2048 in per_t and 16384 in per_t:
             scaling.append((name, per_t[16384] / per_t[2048]))
     speed = op_speedups()
-    text = render(rows, scaling, gflops, speed, peak, args, tuned)
+    store = _merge(Path(args.results), {"machine": _cpu_name(), "threads": args.threads,
+                                        "torch": torch.__version__, "tuned": tuned,
+                                        "date": datetime.date.today().isoformat(),
+                                        "matmul_gflops": peak, "rows": rows, "speed": speed,
+                                        "scaling": scaling, "gflops": gflops})
+    text = render(store)
     if args.out == "-":
         print(text)
     else:
@@ -251,29 +265,50 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(rows, scaling, gflops, speed, peak, args, tuned: bool) -> str:
-    cpu = _cpu_name()
-    lines = [f"# Benchmarks", "",
-             f"Machine: {cpu}, {args.threads} threads; torch {torch.__version__}; "
-             f"Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
-             f"Measured with `python tools/bench.py` (one training step, forward + backward, "
-             f"batch 1, fp32, d_model {D}, {L} layers, vocab {V}; glibc allocator tuning "
-             f"{'on' if tuned else 'off'} for the whole process, so for both sides: "
-             "`composer/runtime.py`).", "",
+def _merge(path: Path, new: dict) -> dict:
+    """Keep earlier rows of cases this run did not measure (same machine, threads and torch)."""
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old and all(old.get(k) == new[k] for k in ("machine", "threads", "torch", "tuned")):
+        ran = {r[0] for r in new["rows"]}
+        for key in ("rows", "scaling", "gflops"):
+            new[key] = [r for r in old[key] if r[0] not in ran] + new[key]
+        done = {r[0] for r in new["speed"]}
+        new["speed"] = [r for r in old["speed"] if r[0] not in done] + new["speed"]
+        new["date"] = min(old["date"], new["date"]) + (
+            "" if old["date"] == new["date"] else f" to {new['date']}")
+    order = {n: i for i, n in enumerate(CASES)}
+    for key in ("rows", "scaling", "gflops"):
+        new[key].sort(key=lambda r: (order.get(r[0], 99), r[1] if len(r) > 2 else 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=1) + "\n")
+    return new
+
+
+def render(st: dict) -> str:
+    lines = ["# Benchmarks", "",
+             f"Machine: {st['machine']}, {st['threads']} threads; torch {st['torch']}; "
+             f"Python {platform.python_version()}; measured {st['date']}.",
+             f"Made by `python tools/bench.py` (one training step, forward + backward, "
+             f"batch 1, fp32, d_model {D}, {L} layers, vocab {V}; hycomp and HF timed "
+             f"interleaved in one process; glibc allocator tuning "
+             f"{'on' if st['tuned'] else 'off'} for the whole process, so for both sides: "
+             "`composer/runtime.py`). Raw numbers: `docs/benchmarks.json`.", "",
              "## Tokens per second, hycomp vs Hugging Face", "",
              "| model | T | hycomp tok/s | HF tok/s | hycomp / HF |", "|---|---|---|---|---|"]
-    for name, T, ours, hf in rows:
+    for name, T, ours, hf in st["rows"]:
         ratio = f"{ours / hf:.2f}x" if hf else "—"
         lines.append(f"| {name} | {T} | {fmt_rate(ours)} | {fmt_rate(hf)} | {ratio} |")
     lines += ["", "## Scaling: step time at T=16384 over T=2048 (ideal 8x)", "",
               "| model | ratio |", "|---|---|"]
-    lines += [f"| {n} | {r:.1f}x |" for n, r in scaling]
+    lines += [f"| {n} | {r:.1f}x |" for n, r in st["scaling"]]
     lines += ["", "## `chunked` vs `reference` at T=2048 (forward + backward of the op)", "",
               "| op | reference s | chunked s | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {n} | {a:.3f} | {b:.4f} | {a / b:.0f}x |" for n, a, b in speed]
-    lines += ["", f"## Achieved GFLOP/s (this machine's fp32 matmul: {peak:.0f} GFLOP/s)", "",
+    lines += [f"| {n} | {a:.3f} | {b:.4f} | {a / b:.0f}x |" for n, a, b in st["speed"]]
+    lines += ["", f"## Achieved GFLOP/s (this machine's fp32 matmul: "
+              f"{st['matmul_gflops']:.0f} GFLOP/s)", "",
               "| model | T | GFLOP/s | share of matmul peak |", "|---|---|---|---|"]
-    lines += [f"| {n} | {T} | {g:.1f} | {100 * g / peak:.0f}% |" for n, T, g in gflops]
+    lines += [f"| {n} | {T} | {g:.1f} | {100 * g / st['matmul_gflops']:.0f}% |"
+              for n, T, g in st["gflops"]]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from composer.block import accum_dtype
 from composer.registry import register_backend, register_op
 
 OP = "delta_rule"
@@ -45,10 +46,6 @@ SPAN = 40.0
 (exp(40) ~ 2e17: far from overflow, even in float32)."""
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @register_backend(OP, "reference", priority=0)
 def delta_reference(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
     """Sequential recurrence, one token at a time: the definition of truth (float64-capable).
@@ -57,7 +54,7 @@ def delta_reference(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: i
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    acc = _acc(q.dtype)
+    acc = accum_dtype(q.dtype)
     S = (torch.zeros(B, H, K, V, dtype=acc, device=q.device) if state is None
          else state.to(acc))
     out = []
@@ -170,7 +167,7 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    acc = _acc(q.dtype)
+    acc = accum_dtype(q.dtype)
     C = max(1, min(chunk_size, T))
     if log_w is not None and log_w.dim() == 4 and C > SUB:
         C = -(-C // SUB) * SUB                   # whole sub-chunks

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from composer.block import accum_dtype
 from composer.registry import register_backend, register_op
 
 OP = "gated_linear_recurrence"
@@ -42,10 +43,6 @@ register_op(SCAN, "diagonal selective scan: h_t = exp(dt_t A) * h_{t-1} + u_t B_
 SUB_CHUNK = 8
 """Sub-chunk length of the vector-gate chunked form: the exact decay tensor it materialises
 costs SUB_CHUNK * K numbers per token and head."""
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _log_gate(log_g, v: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -72,7 +69,7 @@ def recurrence_reference(q, k, v, log_g=None, state=None, chunk_size: int = 64):
     """
     B, T, H, V = v.shape
     K = q.shape[-1]
-    acc = _acc(q.dtype)
+    acc = accum_dtype(q.dtype)
     q, k = _per_head(q, H), _per_head(k, H)
     lg = _log_gate(log_g, v, acc)                                          # (B, T, H, K')
     S = _initial(state, (B, H, K, V), acc, q.device)
@@ -105,7 +102,7 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64):
     """
     B, T, H, V = v.shape
     Hk, K = q.shape[2:]
-    acc = _acc(q.dtype)
+    acc = accum_dtype(q.dtype)
     S = _initial(state, (B, H, K, V), acc, q.device)
     if T == 0:
         return v.new_zeros(B, 0, H, V, dtype=q.dtype), S.to(q.dtype)
@@ -211,7 +208,7 @@ def scan_reference(u, dt, A, Bm, Cm, state=None, chunk_size: int = 64):
     Returns y (B, T, D) and the final state (B, D, N) in the dtype of ``u``.
     """
     Bsz, T, D = u.shape
-    dtype, acc = u.dtype, _acc(u.dtype)
+    dtype, acc = u.dtype, accum_dtype(u.dtype)
     u, dt, A, Bm, Cm = (t.to(acc) for t in (u, dt, A, Bm, Cm))
     h = _initial(state, (Bsz, D, A.shape[-1]), acc, u.device)
     out = []
@@ -235,7 +232,7 @@ def scan_chunked(u, dt, A, Bm, Cm, state=None, chunk_size: int = 64):
     states per call instead of a graph of per-step temporaries.
     """
     Bsz, T, D = u.shape
-    acc = _acc(u.dtype)
+    acc = accum_dtype(u.dtype)
     h0 = _initial(state, (Bsz, D, A.shape[-1]), acc, u.device)
     if T == 0:
         return u.new_zeros(Bsz, 0, D), h0.to(u.dtype)
