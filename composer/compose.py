@@ -101,19 +101,21 @@ def full_overrides(name_or_path: str, overrides: Iterable[str]) -> list[str]:
     """``overrides`` plus those the schedule-form rule adds (module docstring)."""
     overrides = list(overrides)
     parsed = parse_overrides(overrides)
-    kind, where, name, extra = _source(name_or_path)
-    with _init(kind, where):
-        try:
-            base = compose(config_name=name, overrides=extra + _group_overrides(parsed))
-        except MissingConfigException as e:
-            raise _missing_config(e) from None
-        except yaml.YAMLError as e:
-            raise _yaml_error(e) from None
-        except (HydraException, OmegaConfBaseException) as e:
-            raise _composition_error(e, name, extra, parsed) from None
-    base_data = OmegaConf.to_container(base, resolve=False)
-    overrides = [_append_if_schema_allows(o, base_data) for o in overrides]
-    return overrides + _form_rule(base_data, parsed)
+    _, base = _base(name_or_path, parsed)
+    return _expand(overrides, parsed, base)
+
+
+def _base(name_or_path: str, parsed) -> tuple[tuple, dict]:
+    """The source of a recipe and its config with only the group choices applied."""
+    src = _source(name_or_path)
+    kind, where, name, extra = src
+    cfg = _compose_in(kind, where, name, extra + _group_overrides(parsed), {})
+    return src, OmegaConf.to_container(cfg, resolve=False)
+
+
+def _expand(overrides: list[str], parsed, base: dict) -> list[str]:
+    """Schema-known keys absent from the YAML become appends; the form rule adds its nulls."""
+    return [_append_if_schema_allows(o, base) for o in overrides] + _form_rule(base, parsed)
 
 
 def schema_fields(path: list[str], base: dict) -> list[str] | None:
@@ -183,19 +185,24 @@ def _init(kind: str, where: str):
             else initialize_config_dir(config_dir=where, version_base=None))
 
 
-def _compose(name_or_path: str, overrides: list[str]):
-    overrides = full_overrides(name_or_path, overrides)
-    parsed = parse_overrides(overrides)
-    kind, where, name, extra = _source(name_or_path)
+def _compose_in(kind: str, where: str, name: str, overrides: list[str], base: dict):
+    """Hydra's compose, every failure turned into a :class:`RecipeError` (``base``: the
+    recipe before value overrides, for did-you-mean on unknown keys)."""
     with _init(kind, where):
         try:
-            return compose(config_name=name, overrides=extra + overrides)
+            return compose(config_name=name, overrides=overrides)
         except MissingConfigException as e:
             raise _missing_config(e) from None
         except yaml.YAMLError as e:
             raise _yaml_error(e) from None
         except (HydraException, OmegaConfBaseException) as e:
-            raise _composition_error(e, name, extra, parsed) from None
+            raise _composition_error(e, base) from None
+
+
+def _compose(name_or_path: str, overrides: list[str]):
+    parsed = parse_overrides(overrides)
+    (kind, where, name, extra), base = _base(name_or_path, parsed)
+    return _compose_in(kind, where, name, extra + _expand(overrides, parsed, base), base)
 
 
 def load_recipe(name_or_path: str = "config", overrides: Iterable[str] = ()) -> Recipe:
@@ -252,50 +259,27 @@ def _missing_config(e: MissingConfigException) -> RecipeError:
                             if options else "check the name"))
 
 
-def _composition_error(e: Exception, name: str, extra: list[str], parsed) -> RecipeError:
+def _composition_error(e: Exception, base: dict) -> RecipeError:
     msg = str(e)
     m = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", msg)
-    if m:
-        key = m.group(1)
-        parent, valid = _valid_siblings(name, extra, parsed, key)
-        schema_valid = schema_fields(parent.split(".") if parent else [], _base_dict(
-            name, extra, parsed))
-        if schema_valid:
-            valid = sorted(set(valid) | set(schema_valid))
-        leaf = key.split(".")[len(parent.split(".")) if parent else 0]
-        return RecipeError(
-            what=f"unknown key '{leaf}' in override '{key}'",
-            where=key,
-            why=(f"{parent or 'the recipe'} has no key '{leaf}'"
-                 + (f"; its keys are: {', '.join(valid)}" if valid else "")),
-            fix=("fix the spelling" + did_you_mean(leaf, valid)
-                 + f" (to add a new key on purpose, write +{key}=...)"))
-    return RecipeError(what="cannot compose the recipe", why=_clean(msg),
-                       fix="check the overrides and the recipe files")
-
-
-def _base_dict(name, extra, parsed) -> dict:
-    try:
-        cfg = compose(config_name=name, overrides=extra + _group_overrides(parsed))
-        return OmegaConf.to_container(cfg, resolve=False)
-    except Exception:  # noqa: BLE001 - only for a better message
-        return {}
-
-
-def _valid_siblings(name, extra, parsed, key) -> tuple[str, list[str]]:
-    """Deepest existing prefix of ``key`` in the base config, and the keys under it."""
-    try:
-        cfg = compose(config_name=name, overrides=extra + _group_overrides(parsed))
-        node: Any = OmegaConf.to_container(cfg, resolve=False)
-    except Exception:  # noqa: BLE001 - only for a better message
-        return "", []
-    parts, path = key.split("."), []
-    for p in parts:
-        if isinstance(node, dict) and p in node and isinstance(node[p], dict):
-            node, path = node[p], path + [p]
-        else:
+    if not m:
+        return RecipeError(what="cannot compose the recipe", why=_clean(msg),
+                           fix="check the overrides and the recipe files")
+    key = m.group(1)
+    parts, path, node = key.split("."), [], base
+    for p in parts[:-1]:  # deepest prefix of the key that exists
+        if not (isinstance(node, dict) and isinstance(node.get(p), dict)):
             break
-    return ".".join(path), sorted(k for k in (node or {}) if k != "hydra")
+        node, path = node[p], path + [p]
+    valid = set(k for k in (node if isinstance(node, dict) else {}) if k != "hydra")
+    valid |= set(schema_fields(path, base) or [])
+    valid = sorted(valid)
+    parent, leaf = ".".join(path), parts[len(path)]
+    return RecipeError(
+        what=f"unknown key '{leaf}' in override '{key}'", where=key,
+        why=(f"{parent or 'the recipe'} has no key '{leaf}'"
+             + (f"; its keys are: {', '.join(valid)}" if valid else "")),
+        fix="fix the spelling" + did_you_mean(leaf, valid))
 
 
 def _key_of(e: OmegaConfBaseException) -> str | None:
