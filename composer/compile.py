@@ -112,9 +112,9 @@ class ComposedModel(nn.Module):
         """Per-node state before the first token (None for nodes without state)."""
         device = device or self.embed.weight.device
         state = {}
-        for nid, op_, key, _, _ in self.plan:
+        for (nid, op_, *_), mod in zip(self.plan, self._runs):
             if op_ in ("residual", "branch"):
-                state[nid] = self.get_submodule(key).block.init_state(batch, device, dtype)
+                state[nid] = mod.block.init_state(batch, device, dtype)
         return state
 
     def forward(self, input_ids: torch.Tensor, state: dict | None = None,

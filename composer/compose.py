@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer.errors import RecipeError
-from composer.recipe import FORMS, Recipe, _model_in, validate_recipe
+from composer.recipe import FORMS, Recipe, schema_fields, validate_recipe
 from composer.registry import did_you_mean
 
 RECIPES_MODULE = "recipes"
@@ -116,37 +116,6 @@ def _base(name_or_path: str, parsed) -> tuple[tuple, dict]:
 def _expand(overrides: list[str], parsed, base: dict) -> list[str]:
     """Schema-known keys absent from the YAML become appends; the form rule adds its nulls."""
     return [_append_if_schema_allows(o, base) for o in overrides] + _form_rule(base, parsed)
-
-
-def schema_fields(path: list[str], base: dict) -> list[str] | None:
-    """Keys the schema allows under ``path`` (None: any key, as under ``model.blocks``)."""
-    from composer.registry import block_types
-    node: Any = Recipe
-    for i, part in enumerate(path):
-        if node is None:  # a free dict (blocks, symbols, kernels): any key
-            if path[i - 1:i] == ["blocks"] and path[:1] == ["model"]:
-                raw = ((base.get("model") or {}).get("blocks") or {}).get(part) or {}
-                kind = raw.get("kind", part) if isinstance(raw, dict) else part
-                bt = block_types().get(kind)
-                node = bt.spec if bt else None
-                if node is None:
-                    return None
-                continue
-            return []
-        fields = getattr(node, "model_fields", None)
-        if fields is None or part not in fields:
-            return []
-        node = _model_in(fields[part].annotation)
-        if node is None and not _is_dict(fields[part].annotation):
-            return []
-    if node is None:
-        return None
-    return list(getattr(node, "model_fields", {}))
-
-
-def _is_dict(ann: Any) -> bool:
-    from typing import get_origin
-    return get_origin(ann) is dict
 
 
 def _append_if_schema_allows(line: str, base: dict) -> str:

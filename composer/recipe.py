@@ -244,18 +244,38 @@ class Recipe(Spec):
 # --------------------------------------------------------------------------------------------
 # Validation entry point and error rendering
 # --------------------------------------------------------------------------------------------
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid field names of the model found at ``loc`` (for did-you-mean)."""
+def schema_fields(path: list[str], base: dict) -> list[str] | None:
+    """Keys the schema allows under ``path`` (None: any key, as under ``model.blocks``).
+
+    Under ``model.blocks.<name>`` the fields are those of the block's spec, its kind read from
+    ``base`` (a composed recipe dict; the name itself when absent)."""
+    from composer.registry import block_types
     node: Any = Recipe
-    for part in loc:
+    for i, part in enumerate(path):
+        if node is None:  # a free dict (blocks, symbols, kernels): any key
+            if path[i - 1:i] == ["blocks"] and path[:1] == ["model"]:
+                raw = ((base.get("model") or {}).get("blocks") or {}).get(part) or {}
+                kind = raw.get("kind", part) if isinstance(raw, dict) else part
+                bt = block_types().get(kind)
+                node = bt.spec if bt else None
+                if node is None:
+                    return None
+                continue
+            return []
         fields = getattr(node, "model_fields", None)
         if fields is None or part not in fields:
             return []
-        ann = fields[part].annotation
-        node = _model_in(ann)
-        if node is None:
+        node = _model_in(fields[part].annotation)
+        if node is None and not _is_dict(fields[part].annotation):
             return []
+    if node is None:
+        return None
     return list(getattr(node, "model_fields", {}))
+
+
+def _is_dict(ann: Any) -> bool:
+    from typing import get_origin
+    return get_origin(ann) is dict
 
 
 def _model_in(ann: Any):
@@ -286,7 +306,8 @@ def pydantic_problems(err: ValidationError, prefix: tuple = (),
         value = e.get("input")
         if e["type"] == "extra_forbidden":
             key = loc[-1]
-            valid = (fields_of(loc[:-1]) if fields_of else _fields_at(loc[:-1]))
+            valid = (fields_of(loc[:-1]) if fields_of else schema_fields(list(loc[:-1]), {})
+                     or [])
             probs.append(RecipeError(
                 what=f"unknown key '{key}'", where=where,
                 why=f"{_loc_str(loc[:-1]) or 'the recipe'} has no field '{key}'"
