@@ -12,8 +12,10 @@ A (D x N) < 0 fixed per channel and state; B_t, C_t (N) per token, shared by the
     y_t = h_t C_t + D_skip * x_t
     out = out_proj(y * silu(z))
 
-The scan is the ``selective_scan`` op with u = dt * x (the vector-gate case of the gated linear
-recurrence with one head per channel, K = N, V = 1). ``dt_bias`` is a parameter of its own,
+The scan is the shared ``gated_linear_recurrence`` op with one head per channel: q = C and
+k = B shared by the D heads, K = N, V = 1, v = dt * x and the log gate dt * A given factored
+(``log_g=dt, A=A``), so no (T, D, N) gate tensor is built; ``auto`` runs it on the ``scan``
+backend (blocks/ops/scan.py), which takes exactly that shape. ``dt_bias`` is a parameter of its own,
 not dt_proj's bias, so that the model-wide Linear initialisation keeps the dt initialisation
 (Hugging Face's ``dt_proj.bias`` loads into it).
 State: ``{"conv": (B, D, d_conv - 1), "ssm": (B, D, N)}``, constant in T.
@@ -122,10 +124,12 @@ class Mamba(Block):
         acc = state["ssm"].dtype
         dt = F.softplus(self.dt_proj(dt).to(acc) + self.dt_bias.to(acc))      # (B, T, D)
         A = -torch.exp(self.A_log.to(acc))                                    # (D, N)
-        y, ssm = op("selective_scan")(dt * x.to(acc), dt, A, Bm.to(acc), Cm.to(acc),
-                                      state["ssm"], chunk_size=s.chunk_size)
-        y = (y + x.to(acc) * self.D.to(acc)) * F.silu(z.to(acc))
-        return self.out_proj(y.to(u.dtype)), {"conv": conv_state, "ssm": ssm.to(acc)}
+        # D heads sharing k = B and q = C, K = d_state, V = 1, log gate dt * A per state
+        y, ssm = op("gated_linear_recurrence")(
+            Cm.to(acc)[:, :, None], Bm.to(acc)[:, :, None], (dt * x.to(acc))[..., None], dt,
+            state["ssm"][..., None], chunk_size=s.chunk_size, A=A)
+        y = (y[..., 0] + x.to(acc) * self.D.to(acc)) * F.silu(z.to(acc))
+        return self.out_proj(y.to(u.dtype)), {"conv": conv_state, "ssm": ssm[..., 0].to(acc)}
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):

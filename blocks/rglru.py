@@ -16,8 +16,9 @@ c = ``gate_scale`` (8 in the paper).
 At absolute position 0 the input is not scaled by sqrt(1 - a_t^2) (RecurrentGemma's reset at
 a sequence start; h_{-1} = 0 there anyway). The derivative of that square root is bounded by
 1000, as in the paper's code, so gates near a = 1 do not blow up gradients.
-The scan is the ``selective_scan`` op with one state per channel (N = 1): u = the scaled input,
-dt = -log a_t, A = -1, B = C = 1.
+The scan is the shared ``gated_linear_recurrence`` op with one head per channel, K = V = 1,
+q = k = 1, v = the scaled input and the scalar log gate log a_t (``auto``: the ``scan``
+backend).
 State: ``{"conv": (B, D_RNN, d_conv - 1), "h": (B, D_RNN, 1), "pos": int}``, constant in T.
 """
 from __future__ import annotations
@@ -141,9 +142,10 @@ class RGLRU(Block):
         if state["pos"] == 0:
             scale = torch.cat([torch.ones_like(scale[:, :1]), scale[:, 1:]], dim=1)
         u = scale * i * xb.to(acc)
-        ones = u.new_ones(B_, T, 1)
-        h, h_last = op("selective_scan")(u, neg_log_a, -u.new_ones(self.W, 1), ones, ones,
-                                         state["h"], chunk_size=s.chunk_size)
+        ones = u.new_ones(B_, T, 1, 1)                      # q = k = 1: K = V = 1, W heads
+        h, h_last = op("gated_linear_recurrence")(ones, ones, u[..., None], -neg_log_a,
+                                                  state["h"][..., None], chunk_size=s.chunk_size)
+        h, h_last = h[..., 0], h_last[..., 0]
         out = self.linear_out(h.to(x.dtype) * y)
         return out, {"conv": conv_state, "h": h_last.to(acc), "pos": state["pos"] + T}
 

@@ -3,7 +3,8 @@
 The backend is chosen per call from the active kernel choices (a recipe's ``kernels`` section,
 made active by :func:`use_kernels`; the composed model does this around its forward), the
 device and the dtype of the first tensor argument. ``auto`` takes the highest-priority backend
-that fits. Resolution is cached.
+that fits and accepts the call's shapes. The list of candidates per (op, choice, device, dtype)
+is cached; the shape check runs per call.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from composer.registry import resolve_backend
+from composer.registry import Backend, candidates, pick
 
 _CHOICES: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
     "hycomp_kernels", default=())
@@ -31,8 +32,8 @@ def use_kernels(choices: dict[str, str] | None) -> Iterator[None]:
 
 
 @lru_cache(maxsize=None)
-def _resolve(name: str, choice: str, device_type: str, dtype: torch.dtype) -> Callable:
-    return resolve_backend(name, choice, torch.device(device_type), dtype).fn
+def _candidates(name: str, choice: str, device_type: str, dtype: torch.dtype) -> list[Backend]:
+    return candidates(name, choice, torch.device(device_type), dtype)
 
 
 def current_choice(name: str) -> str:
@@ -44,6 +45,10 @@ def op(name: str) -> Callable:
 
     def call(*args, **kwargs):
         x = next(a for a in args if isinstance(a, torch.Tensor))
-        return _resolve(name, current_choice(name), x.device.type, x.dtype)(*args, **kwargs)
+        choice = current_choice(name)
+        cands = _candidates(name, choice, x.device.type, x.dtype)
+        if len(cands) == 1 and cands[0].accepts is None:
+            return cands[0].fn(*args, **kwargs)
+        return pick(cands, choice, (args, kwargs)).fn(*args, **kwargs)
 
     return call

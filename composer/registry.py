@@ -128,6 +128,8 @@ class Backend:
     dtypes:    dtypes it accepts
     priority:  higher wins under ``auto`` among the backends that fit
     available: returns None when usable here, else a sentence saying how to get it
+    accepts:   called with a call's arguments; None when the backend handles them, else a
+               sentence saying which shapes it handles (None: every shape the op allows)
     """
 
     op: str
@@ -139,6 +141,12 @@ class Backend:
     priority: int = 0
     available: Callable[[], str | None] = field(default=lambda: None)
     summary: str = ""
+    accepts: Callable[..., str | None] | None = None
+    shapes: str = "any"
+
+    def refuses(self, args, kwargs) -> str | None:
+        """None when this backend handles a call with these arguments, else why not."""
+        return None if self.accepts is None else self.accepts(*args, **kwargs)
 
     def fits(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type in self.devices and dtype in self.dtypes and self.available() is None
@@ -159,8 +167,15 @@ def register_op(op: str, doc: str) -> None:
 def register_backend(op: str, name: str, *, priority: int = 0,
                      devices=("cpu", "cuda"), dtypes=None,
                      available: Callable[[], str | None] | None = None,
+                     accepts: Callable[..., str | None] | None = None,
                      summary: str = "") -> Callable[[Callable], Callable]:
-    """Decorator registering ``fn`` as backend ``name`` of ``op``."""
+    """Decorator registering ``fn`` as backend ``name`` of ``op``.
+
+    ``accepts`` (optional) declares the shapes it handles: called with each call's arguments,
+    it returns None or a sentence saying what it handles. Under ``auto`` a call goes to the
+    highest-priority backend that fits the device and dtype *and* accepts the call; its
+    docstring's first line is shown by ``hycomp kernels``.
+    """
 
     def deco(fn: Callable) -> Callable:
         if op not in _OPS:
@@ -174,6 +189,9 @@ def register_backend(op: str, name: str, *, priority: int = 0,
             kw["dtypes"] = frozenset(dtypes)
         if available is not None:
             kw["available"] = available
+        if accepts is not None:
+            kw["accepts"] = accepts
+            kw["shapes"] = (accepts.__doc__ or "some shapes").strip().split("\n")[0]
         _OPS[op][name] = Backend(op, name, fn, frozenset(devices), priority=priority,
                                  summary=summary or (fn.__doc__ or "").strip().split("\n")[0],
                                  **kw)
@@ -196,12 +214,39 @@ def backend_names() -> set[str]:
     return {name for backends in ops().values() for name in backends}
 
 
-def resolve_backend(op: str, choice: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend that runs ``op`` for this device and dtype.
+def resolve_backend(op: str, choice: str, device: torch.device, dtype: torch.dtype,
+                    call: tuple[tuple, dict] | None = None) -> Backend:
+    """The backend that runs ``op`` for this device and dtype (and, given ``call`` = (args,
+    kwargs), for these shapes).
 
     ``choice`` is ``auto`` (highest-priority backend that fits) or a backend name, which must
     exist and fit, else a :class:`HycompError` says why and how to get it.
     """
+    return pick(candidates(op, choice, device, dtype), choice, call)
+
+
+def pick(cands: list[Backend], choice: str, call: tuple[tuple, dict] | None) -> Backend:
+    """The first of ``cands`` (from :func:`candidates`) that accepts ``call``."""
+    if call is None:
+        return next((b for b in cands if b.accepts is None), cands[-1])
+    reasons = []
+    for b in cands:
+        why = b.refuses(*call)
+        if why is None:
+            return b
+        reasons.append(f"'{b.name}': {why}")
+    op = cands[0].op
+    raise HycompError(
+        what=f"backend '{choice}' of op '{op}' does not handle this call" if choice != "auto"
+        else f"no backend of op '{op}' handles this call",
+        where=f"kernels.{op}", why="; ".join(reasons),
+        fix=f"set kernels.{op}=auto, which picks a backend that does" if choice != "auto"
+        else "this is a bug in the op's backends: please report it")
+
+
+def candidates(op: str, choice: str, device: torch.device, dtype: torch.dtype) -> list[Backend]:
+    """The backends that may run ``op`` here, best first: under ``auto`` every fitting one by
+    priority (which one runs may depend on the call's shapes), else the one named."""
     table = ops()
     if op not in table:
         raise HycompError(what=f"unknown op '{op}'", why=f"ops are: {', '.join(sorted(table))}",
@@ -214,7 +259,7 @@ def resolve_backend(op: str, choice: str, device: torch.device, dtype: torch.dty
                 what=f"no backend of op '{op}' runs on {device.type} with {dtype}",
                 why=f"backends: {', '.join(backends)}",
                 fix="run on another device or dtype")
-        return max(fitting, key=lambda b: b.priority)
+        return sorted(fitting, key=lambda b: -b.priority)
     if choice not in backends:
         raise HycompError(what=f"unknown backend '{choice}' for op '{op}'",
                           where=f"kernels.{op}",
@@ -233,4 +278,4 @@ def resolve_backend(op: str, choice: str, device: torch.device, dtype: torch.dty
             why=f"it supports devices {sorted(b.devices)} and dtypes "
                 f"{sorted(str(d).replace('torch.', '') for d in b.dtypes)}",
             fix=f"set kernels.{op}=auto or change device/dtype")
-    return b
+    return [b]

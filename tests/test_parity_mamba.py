@@ -82,12 +82,12 @@ def ours_from_hf_mamba2(mixer, cfg, chunk_size):
     return blk
 
 
-def _compare(hf, ours, T, seed):
+def _compare(hf, ours, T, seed, backends=("reference", "chunked")):
     x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         ref = hf(x)
-        for backend in ("reference", "chunked"):
-            with use_kernels({"selective_scan": backend, "gated_linear_recurrence": backend}):
+        for backend in backends:
+            with use_kernels({"gated_linear_recurrence": backend}):
                 y, _ = ours(x)
             assert rel_err(y, ref) < 1e-4, backend
 
@@ -97,7 +97,7 @@ def _compare(hf, ours, T, seed):
                                      "use_bias": True, "expand": 3}])
 def test_mamba_matches_hf_mamba_mixer(T, chunk, kw):
     mixer, cfg = hf_mamba(**kw)
-    _compare(mixer, ours_from_hf_mamba(mixer, cfg, chunk), T, T)
+    _compare(mixer, ours_from_hf_mamba(mixer, cfg, chunk), T, T, ("reference", "chunked", "scan"))
 
 
 @pytest.mark.parametrize("T,chunk", [(1, 8), (37, 8), (100, 32)])
@@ -130,7 +130,7 @@ def test_rglru_matches_hf_recurrent_gemma_block(T, chunk, heads, width):
     with torch.no_grad():
         ref, _ = hf(x, position_ids=torch.arange(T)[None].expand(2, T), attention_mask=None,
                     use_cache=False)
-        for backend in ("reference", "chunked"):
-            with use_kernels({"selective_scan": backend}):
+        for backend in ("reference", "chunked", "scan"):
+            with use_kernels({"gated_linear_recurrence": backend}):
                 y, _ = ours(x)
             assert rel_err(y, ref) < 1e-4, backend

@@ -1,13 +1,14 @@
-"""Vector gates, G = 1, shared q/k heads and the diagonal (Mamba-1) scan: reference == an
-independent closed form, chunked == reference on outputs, final states and gradients, extreme
-gates included (scalar-gate outputs: tests/test_ops.py)."""
+"""Vector gates, G = 1, shared q/k heads and the diagonal shapes (Mamba-1, RG-LRU) with their
+``scan`` backend: reference == an independent closed form, chunked and scan == reference on
+outputs, final states and gradients, extreme gates included (scalar-gate outputs:
+tests/test_ops.py)."""
 import math
 
 import pytest
 import torch
 
-from blocks.ops.recurrence import (recurrence_chunked, recurrence_reference, scan_chunked,
-                                   scan_reference)
+from blocks.ops.recurrence import recurrence_chunked, recurrence_reference
+from blocks.ops.scan import recurrence_scan
 
 from conftest import rel_err
 
@@ -139,68 +140,133 @@ def test_vector_state_splits_sequence():
 
 
 # --------------------------------------------------------------------------------------------
-# Mamba-1's shape: selective_scan (and the same problem through gated_linear_recurrence)
+# Diagonal shapes (V = 1): Mamba-1 and RG-LRU, and the ``scan`` backend that auto picks for them
 # --------------------------------------------------------------------------------------------
-def scan_inputs(B, T, D, N, dtype, gate="normal", state=True):
-    g = torch.Generator().manual_seed(3000 + T)
-    u = torch.randn(B, T, D, generator=g, dtype=dtype)
-    dt = torch.rand(B, T, D, generator=g, dtype=dtype) + 0.05
-    scale = {"normal": 1.0, "near0": 60.0, "near1": 1e-6}[gate]
-    A = -scale * (torch.rand(D, N, generator=g, dtype=dtype) + 0.5)
-    Bm = torch.randn(B, T, N, generator=g, dtype=dtype)
-    Cm = torch.randn(B, T, N, generator=g, dtype=dtype)
-    h0 = torch.randn(B, D, N, generator=g, dtype=dtype) if state else None
-    return u, dt, A, Bm, Cm, h0
+def scan_inputs(B, T, Hk, R, K, dtype, gate="normal", state=True, form="factored"):
+    """gated_linear_recurrence arguments of V = 1: q, k (B, T, Hk, K) shared by R heads each,
+    v (B, T, H, 1) and the gate in one of four forms; Mamba-1 is ``factored`` with Hk = 1
+    (log gate = dt * A), RG-LRU ``scalar`` with K = 1. Returns (q, k, v, log_g, s0, A)."""
+    g = torch.Generator().manual_seed(3000 + 11 * T + K + R)
+    H = Hk * R
+    q = torch.randn(B, T, Hk, K, generator=g, dtype=dtype)
+    k = torch.randn(B, T, Hk, K, generator=g, dtype=dtype)
+    v = torch.randn(B, T, H, 1, generator=g, dtype=dtype)
+    A = None
+    if form == "factored":
+        scale = {"normal": 1.0, "near0": 60.0, "near1": 1e-6}[gate]
+        log_g = torch.rand(B, T, H, generator=g, dtype=dtype) + 0.05           # dt > 0
+        A = -scale * (torch.rand(H, K, generator=g, dtype=dtype) + 0.5)
+    elif form == "vector":
+        log_g = GATES[gate](torch.rand(B, T, H, K, generator=g, dtype=dtype))
+    elif form == "scalar":
+        log_g = GATES[gate](torch.rand(B, T, H, generator=g, dtype=dtype))
+    else:
+        log_g = None
+    s0 = torch.randn(B, H, K, 1, generator=g, dtype=dtype) if state else None
+    return q, k, v, log_g, s0, A
 
 
-def as_recurrence(u, dt, A, Bm, Cm, h0):
-    """The same scan as gated_linear_recurrence arguments: D heads, K = N, V = 1."""
-    B, T, D = u.shape
-    N = A.shape[-1]
-    return (Cm[:, :, None].expand(B, T, D, N), Bm[:, :, None].expand(B, T, D, N),
-            u[..., None], dt[..., None] * A, None if h0 is None else h0[..., None])
+def _call(fn, **kw):
+    """fn over scan_inputs' tuple, A passed by keyword."""
+    return lambda q, k, v, log_g=None, s0=None, A=None: fn(q, k, v, log_g, s0, A=A, **kw)
+
+
+def _grads_some(fn, args, seed):
+    """Like _grads, for argument tuples holding None entries (no gate, no state, no A)."""
+    g = torch.Generator().manual_seed(seed)
+    leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
+    o, S = fn(*leaves)
+    ((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum()
+     + (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()).backward()
+    return [None if x is None else x.grad for x in leaves]
 
 
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
-def test_scan_reference_is_the_vector_gate_recurrence(gate):
-    args = scan_inputs(2, 30, 6, 4, torch.float64, gate)
-    y, h = scan_reference(*args)
-    o, S = recurrence_reference(*as_recurrence(*args))
-    assert rel_err(y, o[..., 0]) < 1e-12 and rel_err(h, S[..., 0]) < 1e-12
+def test_factored_gate_reference_matches_closed_form(gate):
+    """log gate dt * A, q = C and k = B shared by all heads: the closed form of the vector-gate
+    recurrence with those expanded (an independent expression, no loop)."""
+    q, k, v, dt, s0, A = scan_inputs(2, 30, 1, 6, 4, torch.float64, gate)
+    o, S = recurrence_reference(q, k, v, dt, s0, A=A)
+    H = v.shape[2]
+    o2, S2 = closed_form_vector(q.expand(-1, -1, H, -1), k.expand(-1, -1, H, -1), v,
+                                dt[..., None] * A, s0)
+    assert rel_err(o, o2) < 1e-10 and rel_err(S, S2) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T,chunk", [(1, 16), (15, 16), (33, 16), (300, 64)])
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
+@pytest.mark.parametrize("form", ["factored", "vector", "scalar", "none"])
 @pytest.mark.parametrize("with_state", [True, False])
-def test_scan_chunked_matches_reference(dtype, T, chunk, gate, with_state):
-    args = scan_inputs(2, T, 12, 16, dtype, gate, with_state)
-    y1, h1 = scan_reference(*args)
-    y2, h2 = scan_chunked(*args, chunk_size=chunk)
-    assert rel_err(y2, y1) < TOL[dtype] and rel_err(h2, h1) < TOL[dtype]
+def test_scan_matches_reference(dtype, T, chunk, gate, form, with_state):
+    args = scan_inputs(2, T, 1, 12, 16, dtype, gate, with_state, form)
+    o1, S1 = _call(recurrence_reference)(*args)
+    o2, S2 = _call(recurrence_scan, chunk_size=chunk)(*args)
+    assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [1, 41])
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
-def test_scan_chunked_gradients_match_reference(dtype, T, gate):
-    args = scan_inputs(2, T, 6, 4, dtype, gate)
-    ref = _grads(scan_reference, args, T)
-    chk = _grads(lambda *a: scan_chunked(*a, chunk_size=8), args, T)
-    for name, g_ref, g_chk in zip("u dt A B C state".split(), ref, chk):
-        assert rel_err(g_chk, g_ref) < TOL[dtype], name
+@pytest.mark.parametrize("form", ["factored", "vector", "scalar", "none"])
+def test_scan_gradients_match_reference(dtype, T, gate, form):
+    """Every input, A and the initial state included; q and k shared by groups of 3 heads."""
+    args = scan_inputs(2, T, 2, 3, 4, dtype, gate, True, form)
+    ref = _grads_some(_call(recurrence_reference), args, T)
+    got = _grads_some(_call(recurrence_scan, chunk_size=8), args, T)
+    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
+        if g_ref is not None:
+            assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
 
 
-def test_mamba_shape_through_the_shared_op():
-    """Many heads of K = 16, V = 1: the vector-gate chunked form agrees too."""
-    args = as_recurrence(*scan_inputs(1, 70, 48, 16, torch.float64))
-    o1, S1 = recurrence_reference(*args)
-    o2, S2 = recurrence_chunked(*args, chunk_size=32)
+def test_rglru_shape_k_equals_one():
+    """K = V = 1 with scalar gates (RG-LRU), a chunk not dividing T."""
+    args = scan_inputs(3, 77, 1, 10, 1, torch.float64, "normal", True, "scalar")
+    ref = _grads_some(_call(recurrence_reference), args, 5)
+    got = _grads_some(_call(recurrence_scan, chunk_size=9), args, 5)
+    assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
+
+
+def test_mamba_shape_through_the_matmul_form():
+    """The ``chunked`` backend takes the factored gate too (materialising it)."""
+    args = scan_inputs(1, 70, 1, 48, 16, torch.float64)
+    o1, S1 = _call(recurrence_reference)(*args)
+    o2, S2 = _call(recurrence_chunked, chunk_size=32)(*args)
     assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
 
 
-def test_registry_picks_chunked_for_both_ops():
+def test_scan_state_splits_sequence():
+    q, k, v, dt, s0, A = scan_inputs(2, 50, 1, 5, 4, torch.float64)
+    o, S = recurrence_scan(q, k, v, dt, s0, chunk_size=16, A=A)
+    a = 21
+    oa, Sa = recurrence_scan(q[:, :a], k[:, :a], v[:, :a], dt[:, :a], s0, chunk_size=16, A=A)
+    ob, Sb = recurrence_scan(q[:, a:], k[:, a:], v[:, a:], dt[:, a:], Sa, chunk_size=16, A=A)
+    assert rel_err(torch.cat([oa, ob], 1), o) < 1e-12 and rel_err(Sb, S) < 1e-12
+
+
+def test_auto_picks_by_shape():
+    """The registry's shape declaration: V = 1 goes to ``scan``, V > 1 to ``chunked``; asking
+    for ``scan`` with V > 1 is a clear error."""
+    from composer.errors import HycompError
+    from composer.kernels import op, use_kernels
     from composer.registry import resolve_backend
     cpu = torch.device("cpu")
-    for name in ("gated_linear_recurrence", "selective_scan"):
-        assert resolve_backend(name, "auto", cpu, torch.float32).name == "chunked"
+    diag = scan_inputs(1, 9, 1, 4, 3, torch.float32)
+    wide = vector_inputs(1, 9, 2, 4, 3, torch.float32)
+
+    def pick(args):
+        return resolve_backend("gated_linear_recurrence", "auto", cpu, torch.float32,
+                               (args, {})).name
+
+    assert pick(diag[:5]) == "scan" and pick(wide) == "chunked"
+    # without a call to look at: the best backend taking every shape
+    assert resolve_backend("gated_linear_recurrence", "auto", cpu, torch.float32).name \
+        == "chunked"
+    with use_kernels({"gated_linear_recurrence": "scan"}):
+        with pytest.raises(HycompError) as e:
+            op("gated_linear_recurrence")(*wide)
+    assert "V = 1" in str(e.value) and "kernels.gated_linear_recurrence=auto" in str(e.value)
+    with use_kernels({"gated_linear_recurrence": "auto"}):
+        o, _ = op("gated_linear_recurrence")(*diag[:5], A=diag[5])
+    o_ref, _ = recurrence_reference(*diag[:5], A=diag[5])
+    assert rel_err(o, o_ref) < 1e-5

@@ -153,55 +153,62 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def op_speedups(T: int = 2048) -> list[tuple[str, float, float]]:
-    """(op, reference s, chunked s): median of 3 forward + backward runs after a warm-up, for
-    each op having both backends (attention's reference is a dense masked softmax, not a
-    sequential loop, so it has no shape here: its speed shows in the model tables)."""
+def op_speedups(T: int = 2048) -> list[list]:
+    """[op, shape, reference s, chunked s, auto's backend, auto s]: median of 3 forward +
+    backward runs after a warm-up, per op and representative per-layer shape at d_model 256.
+    ``auto`` is what a model gets: the registry's pick for that call (for V = 1 shapes the
+    ``scan`` backend). Attention's reference is a dense masked softmax, not a loop: its rows
+    show what the banded form saves, not a recurrence's loop overhead."""
     from composer.kernels import op, use_kernels
-    shapes = {  # representative per-layer shapes at d_model 256
-        "gated_linear_recurrence": lambda: _glr_args(T),
-        "delta_rule": lambda: _delta_args(T),
-        "selective_scan": lambda: _scan_args(T),
-    }
+    from composer.registry import resolve_backend
     out = []
-    for name, backends in ops().items():
-        if not {"reference", "chunked"} <= set(backends) or name not in shapes:
-            continue
-        args = shapes[name]()
-        if args is None:
-            continue
-        res = []
-        for b in ("reference", "chunked"):
-            def run(b=b):
-                leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args[0]]
-                with use_kernels({name: b}):
-                    t = time.perf_counter()
-                    o = op(name)(*leaves, **args[1])
-                    o = o[0] if isinstance(o, tuple) else o
-                    o.float().square().mean().backward()
-                    return time.perf_counter() - t
-            run()  # warm-up
-            res.append(statistics.median(run() for _ in range(3)))
-        out.append((name, *res))
+    for name, label, (args, kw) in _op_shapes(T):
+        def run(b):
+            leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+            with use_kernels({name: b}):
+                t = time.perf_counter()
+                o = op(name)(*leaves, **kw)
+                o = o[0] if isinstance(o, tuple) else o
+                o.float().square().mean().backward()
+                return time.perf_counter() - t
+        auto = resolve_backend(name, "auto", args[0].device, args[0].dtype, (args, kw)).name
+        times = {}
+        for b in dict.fromkeys(("reference", "chunked", auto)):
+            run(b)  # warm-up
+            times[b] = statistics.median(run(b) for _ in range(3))
+        out.append([name, label, times["reference"], times["chunked"], auto, times[auto]])
+        print(f"op {name:24s} {label:40s} ref {times['reference']:.3f}s  "
+              f"chunked {times['chunked']:.4f}s  {auto} {times[auto]:.4f}s  "
+              f"{times['reference'] / times[auto]:.0f}x", file=sys.stderr, flush=True)
     return out
 
 
-def _glr_args(T):
+def _op_shapes(T):
+    """(op, shape label, (args, kwargs)): one training-sized layer of each family."""
     H, K, Vd = 8, 64, 64
-    return ([torch.randn(1, T, H, K), torch.randn(1, T, H, K) / 8, torch.randn(1, T, H, Vd),
-             -torch.rand(1, T, H)], {})
-
-
-def _delta_args(T):
-    H, K = 4, 64  # q, k, v, b (scalar: b * k_t, the plain delta rule), log_w
-    return ([torch.randn(1, T, H, K), F.normalize(torch.randn(1, T, H, K), dim=-1),
-             torch.randn(1, T, H, K), -torch.rand(1, T, H), -torch.rand(1, T, H)], {})
-
-
-def _scan_args(T):
-    D_inner, N = 512, 16  # Mamba-1 at d_model 256: u, dt, A, B, C
-    return ([torch.randn(1, T, D_inner), torch.rand(1, T, D_inner) * 0.1,
-             -torch.rand(D_inner, N) * 8, torch.randn(1, T, N), torch.randn(1, T, N)], {})
+    glr = [torch.randn(1, T, H, K), torch.randn(1, T, H, K) / 8, torch.randn(1, T, H, Vd)]
+    D_inner, N = 512, 16  # Mamba-1 at d_model 256: C, B, dt * x, dt; A
+    mamba = [torch.randn(1, T, 1, N), torch.randn(1, T, 1, N), torch.randn(1, T, D_inner, 1),
+             torch.rand(1, T, D_inner) * 0.1]
+    W = 256  # RG-LRU width at d_model 256: q = k = 1, K = V = 1
+    ones = torch.ones(1, T, 1, 1)
+    Hd, Kd = 4, 64  # delta rule: q, k, v, b (scalar: b * k_t, the plain delta rule), log_w
+    att = [torch.randn(1, 4, T, 64) for _ in range(3)]
+    return [
+        ("gated_linear_recurrence", "8 heads, K = V = 64, gate per head",
+         (glr + [-torch.rand(1, T, H)], {})),
+        ("gated_linear_recurrence", "8 heads, K = V = 64, gate per key dim",
+         (glr + [-torch.rand(1, T, H, K) / 8], {})),
+        ("gated_linear_recurrence", "Mamba-1: 512 heads, K = 16, V = 1",
+         (mamba, {"A": -torch.rand(D_inner, N) * 8})),
+        ("gated_linear_recurrence", "RG-LRU: 256 heads, K = V = 1",
+         ([ones, ones, torch.randn(1, T, W, 1), -torch.rand(1, T, W)], {})),
+        ("delta_rule", "4 heads, K = V = 64",
+         ([torch.randn(1, T, Hd, Kd), F.normalize(torch.randn(1, T, Hd, Kd), dim=-1),
+           torch.randn(1, T, Hd, Kd), -torch.rand(1, T, Hd), -torch.rand(1, T, Hd)], {})),
+        ("attention", "4 heads, head_dim 64, global", (att, {})),
+        ("attention", "4 heads, head_dim 64, window 512", (att, {"window": 512})),
+    ]
 
 
 def fmt_rate(tps: float | None) -> str:
@@ -216,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hf-max-len", type=int, default=8192,
                     help="skip HF models above this length (their numbers are for comparison)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-ops", dest="ops", action="store_false",
+                    help="skip the table of ops (reference / chunked / auto)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"),
                     help="markdown file to write, or - for stdout only")
     ap.add_argument("--results", default=str(ROOT / "docs" / "benchmarks.json"),
@@ -249,7 +258,7 @@ def main(argv=None) -> int:
                   + f"  {fl:6.1f} GFLOP/s", file=sys.stderr, flush=True)
         if 2048 in per_t and 16384 in per_t:
             scaling.append((name, per_t[16384] / per_t[2048]))
-    speed = op_speedups()
+    speed = op_speedups() if args.ops else []
     store = _merge(Path(args.results), {"machine": _cpu_name(), "threads": args.threads,
                                         "torch": torch.__version__, "tuned": tuned,
                                         "date": datetime.date.today().isoformat(),
@@ -272,8 +281,9 @@ def _merge(path: Path, new: dict) -> dict:
         ran = {r[0] for r in new["rows"]}
         for key in ("rows", "scaling", "gflops"):
             new[key] = [r for r in old[key] if r[0] not in ran] + new[key]
-        done = {r[0] for r in new["speed"]}
-        new["speed"] = [r for r in old["speed"] if r[0] not in done] + new["speed"]
+        done = {tuple(r[:2]) for r in new["speed"]}
+        new["speed"] = [r for r in old["speed"]
+                        if len(r) == 6 and tuple(r[:2]) not in done] + new["speed"]
         new["date"] = min(old["date"], new["date"]) + (
             "" if old["date"] == new["date"] else f" to {new['date']}")
         new["matmul_runs"] = old.get("matmul_runs", [old["matmul_gflops"]]) + [
@@ -305,9 +315,12 @@ def render(st: dict) -> str:
     lines += ["", "## Scaling: step time at T=16384 over T=2048 (ideal 8x)", "",
               "| model | ratio |", "|---|---|"]
     lines += [f"| {n} | {r:.1f}x |" for n, r in st["scaling"]]
-    lines += ["", "## `chunked` vs `reference` at T=2048 (forward + backward of the op)", "",
-              "| op | reference s | chunked s | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {n} | {a:.3f} | {b:.4f} | {a / b:.0f}x |" for n, a, b in st["speed"]]
+    lines += ["", "## Ops at T=2048: `reference`, `chunked` and what `auto` runs (forward + "
+              "backward of one layer's op)", "",
+              "| op | shape | reference s | chunked s | auto | auto s | reference / auto |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {shape} | {a:.3f} | {b:.4f} | {auto} | {c:.4f} | {a / c:.0f}x |"
+              for n, shape, a, b, auto, c in st["speed"]]
     runs = st.get("matmul_runs", [st["matmul_gflops"]])
     lines += ["", f"## Achieved GFLOP/s (this machine's fp32 2048² matmul: "
               f"{min(runs):.0f}–{max(runs):.0f} GFLOP/s over {len(runs)} runs; shares "

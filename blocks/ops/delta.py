@@ -58,18 +58,17 @@ def delta_reference(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: i
     S = (torch.zeros(B, H, K, V, dtype=acc, device=q.device) if state is None
          else state.to(acc))
     out = []
-    for t in range(T):
-        k_t = k[:, t].to(acc)                                                 # (B, H, K)
-        a_t = k_t if a is None else a[:, t].to(acc)
-        b_t = b[:, t].to(acc)
+    steps = lambda x: [None] * T if x is None else x.to(acc).unbind(1)   # noqa: E731
+    # unbind, not k[:, t]: the backward of T selects would write T full-size gradients
+    for q_t, k_t, v_t, b_t, a_t, lw_t in zip(*(steps(x) for x in (q, k, v, b, a, log_w))):
+        a_t = k_t if a_t is None else a_t                                     # (B, H, K)
         b_t = b_t[..., None] * k_t if b.dim() == 3 else b_t
         read = torch.einsum("bhk,bhkv->bhv", a_t, S)                          # a_t^T S_{t-1}
-        if log_w is not None:
-            w = log_w[:, t].to(acc).exp()                                     # (B, H[, K])
+        if lw_t is not None:
+            w = lw_t.exp()                                                    # (B, H[, K])
             S = S * (w[..., None, None] if log_w.dim() == 3 else w[..., None])
-        v_t = v[:, t].to(acc)                                                 # (B, H, V)
         S = S + b_t[..., :, None] * read[..., None, :] + k_t[..., :, None] * v_t[..., None, :]
-        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc), S))
+        out.append(torch.einsum("bhk,bhkv->bhv", q_t, S))
     o = torch.stack(out, dim=1) if out else v.new_zeros(B, 0, H, V, dtype=acc)
     return o.to(q.dtype), S.to(q.dtype)
 
