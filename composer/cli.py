@@ -200,14 +200,22 @@ def _schema(args) -> int:
 def _kernels(args) -> int:
     import torch
     from composer.registry import op_doc, ops, resolve_backend
-    rows = [("op", "backend", "priority", "devices", "available here", "auto on cpu/fp32")]
+    rows = [("op", "backend", "priority", "devices", "shapes", "available here",
+             "auto on cpu/fp32")]
     for op_name, backends in ops().items():
-        auto = resolve_backend(op_name, "auto", torch.device("cpu"), torch.float32).name
+        # the pick for any call; a shape-restricted backend above it wins the calls it takes
+        auto = resolve_backend(op_name, "auto", torch.device("cpu"), torch.float32)
         for b in sorted(backends.values(), key=lambda b: -b.priority):
             miss = b.available()
+            if b.name == auto.name:
+                mark = "<- auto"
+            elif (b.accepts is not None and b.priority > auto.priority and miss is None
+                  and b.fits(torch.device("cpu"), torch.float32)):
+                mark = "<- auto for these shapes"
+            else:
+                mark = ""
             rows.append((op_name, b.name, str(b.priority), ",".join(sorted(b.devices)),
-                         "yes" if miss is None else f"no: {miss}",
-                         "<- auto" if b.name == auto else ""))
+                         b.shapes, "yes" if miss is None else f"no: {miss}", mark))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

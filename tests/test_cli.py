@@ -85,6 +85,8 @@ def test_kernels_table():
     assert p.returncode == 0
     assert "gated_linear_recurrence" in p.stdout and "chunked" in p.stdout
     assert "<- auto" in p.stdout
+    scan = next(line for line in p.stdout.splitlines() if " scan " in line)
+    assert "V = 1" in scan and "<- auto for these shapes" in scan   # the shape declaration
 
 
 TINY_TRAIN = ["model.d_model=32", "train.steps=4", "train.eval_every=2", "train.ckpt_every=2",
