@@ -219,11 +219,27 @@ def test_scan_gradients_match_reference(dtype, T, gate, form):
             assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
 
 
-def test_rglru_shape_k_equals_one():
-    """K = V = 1 with scalar gates (RG-LRU), a chunk not dividing T."""
-    args = scan_inputs(3, 77, 1, 10, 1, torch.float64, "normal", True, "scalar")
+@pytest.mark.parametrize("form", ["scalar", "vector", "factored"])
+def test_k_equals_one(form):
+    """K = V = 1 (RG-LRU is the scalar form), a chunk not dividing T."""
+    args = scan_inputs(3, 77, 1, 10, 1, torch.float64, "normal", True, form)
     ref = _grads_some(_call(recurrence_reference), args, 5)
     got = _grads_some(_call(recurrence_scan, chunk_size=9), args, 5)
+    assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
+
+
+@pytest.mark.parametrize("form", ["factored", "vector"])
+def test_scan_in_segments(monkeypatch, form):
+    """Long inputs run as segments of whole chunks, the state carried between them: with a
+    tiny step budget, 100 tokens in chunks of 8 make several segments (the last one short)."""
+    import blocks.ops.scan as scan_mod
+    monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
+    args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
+    ref = _grads_some(_call(recurrence_reference), args, 9)
+    got = _grads_some(_call(recurrence_scan, chunk_size=8), args, 9)
+    o1, S1 = _call(recurrence_reference)(*args)
+    o2, S2 = _call(recurrence_scan, chunk_size=8)(*args)
+    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
     assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
 
 

@@ -37,6 +37,11 @@ from composer.block import accum_dtype
 from composer.registry import register_backend
 
 
+STEP_NUMBERS = 1 << 19
+"""Numbers per step tensor the scan aims at (2 MB in float32): measured here, a Mamba-1 layer
+(B = 1, 512 heads, K = 16) ran its steps several times slower once they held 8 MB."""
+
+
 def _diagonal_only(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """V = 1 (one value column per head: Mamba-1, RG-LRU)"""
     if v.shape[-1] != 1:
@@ -57,10 +62,18 @@ def recurrence_scan(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=Non
         return v.new_zeros(B, 0, H, 1, dtype=q.dtype), h0[..., None].to(q.dtype)
     if log_g is None:
         log_g = v.new_zeros(B, T, H, dtype=acc)
-    args = [t.to(acc) for t in (q, k, v[..., 0], log_g)]
-    if A is not None:
-        args.append(A.to(acc))
-    y, h = _DiagonalScan.apply(h0, max(1, min(chunk_size, T)), A is not None, *args)
+    L = max(1, min(chunk_size, T))
+    # segments of n chunks run one after the other, so that a step's tensors, n * B * H * K
+    # numbers, stay cache-sized however long T is (at T=16384 one segment would make them
+    # 8 MB and each step memory-bound)
+    seg = L * max(1, STEP_NUMBERS // (B * H * K))
+    Af = None if A is None else A.to(acc)
+    ys, h = [], h0
+    for s in range(0, T, seg):
+        part = [t[:, s:s + seg].to(acc) for t in (q, k, v[..., 0], log_g)]
+        y, h = _DiagonalScan.apply(h, L, A is not None, *part, *([Af] if A is not None else []))
+        ys.append(y)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
     return y[..., None].to(q.dtype), h[..., None].to(q.dtype)
 
 
@@ -136,7 +149,7 @@ class _DiagonalScan(torch.autograd.Function):
             cur = torch.mul(a[l], cur, out=Hs[l]).addcmul_(ks[l], vs[l])
             torch.matmul(qs[l].transpose(-1, -2), cur, out=ys[l])
         ctx.save_for_backward(qs, ks, vs, lgs, a, Hs, entering, *maybe_A)
-        ctx.L, ctx.T, ctx.factored = L, T, factored
+        ctx.L, ctx.T, ctx.factored, ctx.vector = L, T, factored, log_g.dim() == 4
         return _unsteps(ys, T).reshape(B, T, H), h.transpose(-1, -2).reshape(B, H, K)
 
     @staticmethod
@@ -145,7 +158,7 @@ class _DiagonalScan(torch.autograd.Function):
         L, T, factored = ctx.L, ctx.T, ctx.factored
         _, B, n, Hk, K, R = Hs.shape
         H = Hk * R
-        vector = not factored and lgs.shape[-2] == K > 1
+        vector = ctx.vector
         shape = (B, n, Hk, K, R)
         new = dict(dtype=a.dtype, device=a.device)
         dys = _steps(dy, L).view(L, B, n, Hk, 1, R)
