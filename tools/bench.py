@@ -352,6 +352,10 @@ def targets(st: dict) -> list[str]:
         return []
     met = sum(ok for *_, ok in rows)
     out = [f"## Targets ({met} of {len(rows)} met in these measurements)", "",
+           "On this shared 2-core machine, model steps vary by about 5% between runs and the "
+           "Python-bound sequential references by more, so a target near its threshold can "
+           "flip between runs. The references loop over tokens with `unbind` (linear time); "
+           "an `x[:, t]` loop has a quadratic backward and would inflate the op ratios.", "",
            "| target | measured | met |", "|---|---|---|"]
     out += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
     return out + [""]
