@@ -135,7 +135,7 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     if vector:
         o = _intra_vector(qc, kc, vc, lg)
     else:
-        decay = segsum(lg)[..., 0].exp()                                   # (.., n, C, C)
+        decay = segment_decay(lg[..., 0])                                  # (.., n, C, C)
         o = ((qc @ kc.transpose(-1, -2)) * decay) @ vc                     # (.., n, C, V)
     chunk_states = (kc * suffix_sum(lg).exp()).transpose(-1, -2) @ vc      # (.., n, K, V)
     chunk_decay = lg.sum(-2, keepdim=True).transpose(-1, -2).exp()         # (.., n, K', 1)
@@ -149,17 +149,19 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     return o.to(q.dtype), S.reshape(B, H, K, V).to(q.dtype)
 
 
-def segsum(x: torch.Tensor) -> torch.Tensor:
-    """Segment sums over positions: x (..., L, X) -> (..., L, L, X) with
-    [i, j] = sum_{j < s <= i} x_s for j <= i (0 on the diagonal) and -inf above it.
+def segment_decay(x: torch.Tensor) -> torch.Tensor:
+    """exp of segment sums: x (..., L) -> (..., L, L) with [i, j] = exp(sum_{j < s <= i} x_s)
+    for j <= i and 0 above the diagonal.
 
-    Each entry is a cumulative sum of the terms it contains, never a difference of prefix sums.
+    The sums are one matmul with a constant 0/1 matrix, so each entry adds exactly the terms it
+    contains (never a difference of prefix sums), and the backward is one matmul too.
     """
-    L = x.shape[-2]
-    ones = torch.ones(L, L, dtype=torch.bool, device=x.device)
-    terms = x[..., :, None, :].expand(*x.shape[:-1], L, x.shape[-1])       # [s, j] = x_s
-    terms = terms.masked_fill(~ones.tril(-1)[..., None], 0)                # keep s > j
-    return terms.cumsum(-3).masked_fill(~ones.tril()[..., None], float("-inf"))
+    L = x.shape[-1]
+    s_, i_, j_ = (torch.arange(L, device=x.device).view(shape) for shape in
+                  ((L, 1, 1), (1, L, 1), (1, 1, L)))
+    between = ((j_ < s_) & (s_ <= i_)).to(x.dtype).view(L, L * L)         # [s, (i, j)]
+    sums = (x @ between).unflatten(-1, (L, L))
+    return sums.exp() * (j_ <= i_)[0].to(x.dtype)
 
 
 def suffix_sum(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
