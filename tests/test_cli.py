@@ -113,3 +113,12 @@ def test_train_sweep_and_resume_through_the_cli(tmp_path):
     p = hycomp("train", "model.schedule.ratio=5:1", *TINY_TRAIN, f"train.resume={first}",
                cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "schedule" in p.stderr
+
+
+def test_backend_refusing_the_shapes_exits_cleanly(tmp_path):
+    """kernels.gated_linear_recurrence=scan with Mamba-2 (V > 1): the registry's shape check
+    stops the first forward with what/where/why/fix and exit 2, no traceback."""
+    p = hycomp("train", *TINY_TRAIN, "kernels.gated_linear_recurrence=scan",
+               f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "kernels.gated_linear_recurrence" in p.stderr and "V = 1" in p.stderr
