@@ -192,25 +192,28 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     if a is None and b.dim() == 3:               # plain delta rule: one write key, k
         A = _pairs(torch.stack([kc, qc], -3), kc[..., None, :, :],
                    torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,1,C,C)
-        A_kk, A_qk = A[..., 0, 0, :, :], A[..., 1, 0, :, :]
+        A_kk, A_qk = A.squeeze(-3).unbind(-3)             # unbind: no whole-size zero grads
         WU = _solve_unit_lower(A_kk * bc.transpose(-1, -2),                # [W | U]
                                torch.cat([kc * Lam_prev.exp(), A_kk @ vc], -1))
         WZ = bc * WU + F.pad(vc, (K, 0))                # z = W_z S_0 + Z, stored as [W_z | Z]
         read = A_qk @ WZ                                                 # (B, H, n, C, K+V)
-        q_read, o_local = qc * Lam.exp() + read[..., :K], read[..., K:]
+        read_q, o_local = read.split([K, V], -1)
+        q_read = qc * Lam.exp() + read_q
         MN = (kc * E).transpose(-1, -2) @ WZ                             # (B, H, n, K, K+V)
-        M, N = MN[..., :K], MN[..., K:]
+        M, N = MN.split([K, V], -1)
     else:
         ac = kc if a is None else prep(a)
         bc = bc * kc if b.dim() == 3 else bc
         A = _pairs(torch.stack([ac, qc], -3), torch.stack([bc, kc], -3),
                    torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,2,C,C)
-        A_ab, A_ak, A_qb, A_qk = (A[..., i, j, :, :] for i in (0, 1) for j in (0, 1))
+        (A_ab, A_ak), (A_qb, A_qk) = (row.unbind(-3) for row in A.unbind(-4))
         WU = _solve_unit_lower(A_ab, torch.cat([ac * Lam_prev.exp(), A_ak @ vc], -1))  # [W|U]
         read = A_qb @ WU                                                 # [A_qb W | A_qb U]
-        q_read, o_local = qc * Lam.exp() + read[..., :K], read[..., K:] + A_qk @ vc
+        read_q, read_u = read.split([K, V], -1)
+        q_read, o_local = qc * Lam.exp() + read_q, read_u + A_qk @ vc
         MN = (bc * E).transpose(-1, -2) @ WU                             # (B, H, n, K, K+V)
-        M, N = MN[..., :K], MN[..., K:] + (kc * E).transpose(-1, -2) @ vc
+        M, N = MN.split([K, V], -1)
+        N = N + (kc * E).transpose(-1, -2) @ vc
     M = M + torch.diag_embed(Lam[..., -1, :].exp().expand(B, H, n, K))  # (B, H, n, K, K)
     S = (torch.zeros(B * H, K, V, dtype=acc, device=q.device) if state is None
          else state.to(acc).reshape(B * H, K, V))
