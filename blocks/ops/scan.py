@@ -14,7 +14,8 @@ the sequence is cut into n chunks of L steps and every Python-level step works o
 at once, so a pass costs L + n small steps instead of T, and each step's tensors stay in cache.
 
 Forward, in three stages (a "step" below is one position l in every chunk at once):
-1. L steps: each chunk's own final state from zero, and the product of its gates;
+1. L steps: the gates a_t, made and kept, and each chunk's own final state from zero (the
+   product of a chunk's gates is the exp of its summed log gates, taken once);
 2. n steps: the state entering each chunk, carried across chunks;
 3. L steps: the states again from the entering ones, kept for the backward, and o_t.
 No gate products are ever inverted (no exp of a positive number, no division), so decays down
