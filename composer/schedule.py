@@ -377,13 +377,20 @@ def _with_fields(spec, fields, i, overrides, probs, model):
     return new
 
 
+RETIRED_OPS = {
+    "selective_scan": "Mamba-1 and RG-LRU now run on 'gated_linear_recurrence' (auto picks "
+                      "its 'scan' backend for them): set kernels.gated_linear_recurrence",
+}
+"""Op names recipes may still carry from earlier versions -> what replaced them."""
+
+
 def _check_kernels(kernels: dict[str, str], probs: _Problems) -> None:
     table = ops()
     for op, choice in kernels.items():
         if op not in table:
             probs.add(f"unknown op '{op}'", f"kernels.{op}",
                       f"ops are: {', '.join(sorted(table))}",
-                      "use one of those" + did_you_mean(op, table))
+                      RETIRED_OPS.get(op) or "use one of those" + did_you_mean(op, table))
         elif choice != "auto" and choice not in table[op]:
             valid = ["auto", *table[op]]
             probs.add(f"unknown kernel backend '{choice}'", f"kernels.{op}",

@@ -154,6 +154,14 @@ def test_unknown_kernel_backend_and_op():
     assert "where: kernels.atention" in text and "did you mean 'attention'" in text
 
 
+def test_retired_op_name_says_what_replaced_it():
+    d = composer.compose_dict("config")
+    d["kernels"] = {"selective_scan": "chunked"}
+    with pytest.raises(RecipeError) as ei:
+        composer.validate_recipe(d)
+    assert "kernels.gated_linear_recurrence" in ei.value.render()
+
+
 def test_all_problems_reported_at_once():
     with pytest.raises(RecipeError) as ei:
         recipe_from({"blocks": {"attention": {"n_heads": 3, "n_kv_heads": 2}},
