@@ -154,8 +154,8 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 
 
 def op_speedups(T: int = 2048) -> list[list]:
-    """[op, shape, reference s, chunked s, auto's backend, auto s]: median of 3 forward +
-    backward runs after a warm-up, per op and representative per-layer shape at d_model 256.
+    """[op, shape, reference s, chunked s, auto's backend, auto s]: median of 5 forward +
+    backward runs after two warm-ups, per op and representative per-layer shape at d_model 256.
     ``auto`` is what a model gets: the registry's pick for that call (for V = 1 shapes the
     ``scan`` backend). Attention's reference is a dense masked softmax, not a loop: its rows
     show what the banded form saves, not a recurrence's loop overhead."""
@@ -174,8 +174,8 @@ def op_speedups(T: int = 2048) -> list[list]:
         auto = resolve_backend(name, "auto", args[0].device, args[0].dtype, (args, kw)).name
         times = {}
         for b in dict.fromkeys(("reference", "chunked", auto)):
-            run(b)  # warm-up
-            times[b] = statistics.median(run(b) for _ in range(3))
+            run(b), run(b)  # warm-up
+            times[b] = statistics.median(run(b) for _ in range(5))
         out.append([name, label, times["reference"], times["chunked"], auto, times[auto]])
         print(f"op {name:24s} {label:40s} ref {times['reference']:.3f}s  "
               f"chunked {times['chunked']:.4f}s  {auto} {times[auto]:.4f}s  "
