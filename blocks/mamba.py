@@ -15,9 +15,9 @@ A (D x N) < 0 fixed per channel and state; B_t, C_t (N) per token, shared by the
 The scan is the shared ``gated_linear_recurrence`` op with one head per channel: q = C and
 k = B shared by the D heads, K = N, V = 1, v = dt * x and the log gate dt * A given factored
 (``log_g=dt, A=A``), so no (T, D, N) gate tensor is built; ``auto`` runs it on the ``scan``
-backend (blocks/ops/scan.py), which takes exactly that shape. ``dt_bias`` is a parameter of its own,
-not dt_proj's bias, so that the model-wide Linear initialisation keeps the dt initialisation
-(Hugging Face's ``dt_proj.bias`` loads into it).
+backend (blocks/ops/scan.py), which takes exactly that shape. ``dt_bias`` is a parameter of
+its own, not dt_proj's bias, so that the model-wide Linear initialisation keeps the dt
+initialisation (Hugging Face's ``dt_proj.bias`` loads into it).
 State: ``{"conv": (B, D, d_conv - 1), "ssm": (B, D, N)}``, constant in T.
 """
 from __future__ import annotations

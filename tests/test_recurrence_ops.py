@@ -66,14 +66,15 @@ def test_vector_chunked_matches_reference(dtype, T, chunk, gate, with_state):
 
 
 def _grads(fn, args, seed):
-    """Gradients of a random linear function of (o, final state) w.r.t. every input."""
+    """Gradients of a random linear function of (o, final state) w.r.t. every input (None
+    entries, such as no gate, no state or no A, pass through as None)."""
     g = torch.Generator().manual_seed(seed)
-    leaves = [a.clone().requires_grad_(True) for a in args]
+    leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
     o, S = fn(*leaves)
     w1 = torch.randn(o.shape, generator=g, dtype=o.dtype)
     w2 = torch.randn(S.shape, generator=g, dtype=S.dtype)
     ((o * w1).sum() + (S * w2).sum()).backward()
-    return [x.grad for x in leaves]
+    return [None if x is None else x.grad for x in leaves]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -171,16 +172,6 @@ def _call(fn, **kw):
     return lambda q, k, v, log_g=None, s0=None, A=None: fn(q, k, v, log_g, s0, A=A, **kw)
 
 
-def _grads_some(fn, args, seed):
-    """Like _grads, for argument tuples holding None entries (no gate, no state, no A)."""
-    g = torch.Generator().manual_seed(seed)
-    leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
-    o, S = fn(*leaves)
-    ((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum()
-     + (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()).backward()
-    return [None if x is None else x.grad for x in leaves]
-
-
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
 def test_factored_gate_reference_matches_closed_form(gate):
     """log gate dt * A, q = C and k = B shared by all heads: the closed form of the vector-gate
@@ -212,8 +203,8 @@ def test_scan_matches_reference(dtype, T, chunk, gate, form, with_state):
 def test_scan_gradients_match_reference(dtype, T, gate, form):
     """Every input, A and the initial state included; q and k shared by groups of 3 heads."""
     args = scan_inputs(2, T, 2, 3, 4, dtype, gate, True, form)
-    ref = _grads_some(_call(recurrence_reference), args, T)
-    got = _grads_some(_call(recurrence_scan, chunk_size=8), args, T)
+    ref = _grads(_call(recurrence_reference), args, T)
+    got = _grads(_call(recurrence_scan, chunk_size=8), args, T)
     for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
         if g_ref is not None:
             assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
@@ -223,8 +214,8 @@ def test_scan_gradients_match_reference(dtype, T, gate, form):
 def test_k_equals_one(form):
     """K = V = 1 (RG-LRU is the scalar form), a chunk not dividing T."""
     args = scan_inputs(3, 77, 1, 10, 1, torch.float64, "normal", True, form)
-    ref = _grads_some(_call(recurrence_reference), args, 5)
-    got = _grads_some(_call(recurrence_scan, chunk_size=9), args, 5)
+    ref = _grads(_call(recurrence_reference), args, 5)
+    got = _grads(_call(recurrence_scan, chunk_size=9), args, 5)
     assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
 
 
@@ -235,8 +226,8 @@ def test_scan_in_segments(monkeypatch, form):
     import blocks.ops.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
-    ref = _grads_some(_call(recurrence_reference), args, 9)
-    got = _grads_some(_call(recurrence_scan, chunk_size=8), args, 9)
+    ref = _grads(_call(recurrence_reference), args, 9)
+    got = _grads(_call(recurrence_scan, chunk_size=8), args, 9)
     o1, S1 = _call(recurrence_reference)(*args)
     o2, S2 = _call(recurrence_scan, chunk_size=8)(*args)
     assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10

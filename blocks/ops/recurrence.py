@@ -106,9 +106,9 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     is summed directly rather than as a difference of prefix sums: gradients stay exact to
     rounding even where exp(...) is tiny (log g = -30 per step), instead of being the rounding
     left when two large prefix sums cancel. Scalar gates give a (C x C) decay matrix per head,
-    and q k^T is computed once per group of heads sharing q and k; vector gates use the
-    secondary chunking of Yang et al. 2023 (GLA, section 4.2), see :func:`_intra_vector`.
-    With ``A`` the vector gate log_g[..., None] * A is materialised.
+    q k^T is computed once per group of heads sharing q and k, and the backward is written by
+    hand (:class:`_ScalarChunked`); vector gates split each chunk recursively, see
+    :func:`_intra_vector`. With ``A`` the vector gate log_g[..., None] * A is materialised.
     """
     if A is not None:
         log_g, A = _log_gate(log_g, v, accum_dtype(q.dtype), A), None
@@ -185,9 +185,9 @@ class _ScalarChunked(torch.autograd.Function):
         w = suffix_sum(l, -1).exp()
         gamma = l.sum(-1).exp()                                        # (.., n)
         D = segment_decay(l)                                           # (.., n, C, C)
-        QK = _bmm(q, k.transpose(-1, -2))                                   # (B, Hk, 1, n, C, C)
-        O = _bmm(QK * D, v)                                              # (.., n, C, V)
-        U = _bmm((k * w[..., None]).transpose(-1, -2), v)                   # (.., n, K, V)
+        QK = _bmm(q, k.transpose(-1, -2))                              # (B, Hk, 1, n, C, C)
+        O = _bmm(QK * D, v)                                            # (.., n, C, V)
+        U = _bmm((k * w[..., None]).transpose(-1, -2), v)              # (.., n, K, V)
         E = torch.empty(U.shape, dtype=U.dtype, device=U.device)       # entering states
         S = S0
         for c in range(n):
@@ -205,7 +205,7 @@ class _ScalarChunked(torch.autograd.Function):
         heads = lambda x: x.sum(2, keepdim=True) if h > 1 else x      # noqa: E731  sum over h
         dO = dO.contiguous()
         # intra-chunk: O = (QK * D) v
-        dP = _bmm(dO, v.transpose(-1, -2))                                 # (.., n, C, C)
+        dP = _bmm(dO, v.transpose(-1, -2))                             # (.., n, C, C)
         dv = _bmm((QK * D).transpose(-1, -2), dO)
         G = dP * D                                                     # d(QK) per head
         dQK = heads(G)
@@ -214,7 +214,7 @@ class _ScalarChunked(torch.autograd.Function):
         # inter-chunk: O += (e q) E
         qe = q * e[..., None]                                          # (.., h, n, C, K)
         dqe = _bmm(dO, E.transpose(-1, -2))
-        dE = _bmm(qe.transpose(-1, -2), dO)                                # (.., n, K, V)
+        dE = _bmm(qe.transpose(-1, -2), dO)                            # (.., n, K, V)
         dq = dq + heads(dqe * e[..., None])
         # across chunks, backwards: S_out = gamma S_in + U
         gS = torch.zeros_like(E[:, :, :, 0]) if dS is None else dS
@@ -226,13 +226,13 @@ class _ScalarChunked(torch.autograd.Function):
             gS = torch.addcmul(dE[:, :, :, c], gamma[:, :, :, c, None, None], gS)
         # U = (w k)^T v
         kw = k * w[..., None]
-        dkw = _bmm(v, dU.transpose(-1, -2))                                # (.., n, C, K)
+        dkw = _bmm(v, dU.transpose(-1, -2))                            # (.., n, C, K)
         dv = dv + _bmm(kw, dU)
         dk = dk + heads(dkw * w[..., None])
         dl = None
         if ctx.needs_input_grad[3]:
             # D: each l_s appears in the entries (i, j) with j < s <= i
-            between = segment_decay.between(C, l.dtype, l.device)        # (C, C * C)
+            between = _between(C, l.dtype, l.device)                     # (C, C * C)
             dl = ((G * QK).flatten(-2) @ between.transpose(0, 1))         # (.., n, C)
             de = (dqe * q).sum(-1) * e                                   # d/d(cumsum)
             dl = dl + de.flip(-1).cumsum(-1).flip(-1)                    # sum over i >= s
@@ -260,9 +260,6 @@ def segment_decay(x: torch.Tensor) -> torch.Tensor:
     sums = (x @ _between(L, x.dtype, x.device)).unflatten(-1, (L, L))
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
     return sums.exp() * causal.to(x.dtype)
-
-
-segment_decay.between = _between
 
 
 def suffix_sum(x: torch.Tensor, dim: int = -2) -> torch.Tensor:

@@ -115,16 +115,13 @@ class _DiagonalScan(torch.autograd.Function):
         ks = _steps(k, L).unsqueeze(-1)
         vs = _steps(v, L).view(L, B, -1, Hk, 1, R)                       # (L, B, n, Hk, 1, R)
         n = vs.shape[2]
-        if factored:
-            At = maybe_A[0].view(Hk, R, K).transpose(-1, -2).contiguous()   # (Hk, K, R)
-            lgs = _steps(log_g, L).view(L, B, n, Hk, 1, R)               # dt
-            total = (lgs.sum(0) * At).exp_()                             # gates of a chunk
-        elif log_g.dim() == 4:
+        At = maybe_A[0].view(Hk, R, K).transpose(-1, -2).contiguous() if factored else None
+        if log_g.dim() == 4:
             lgs = _steps(log_g, L).view(L, B, n, Hk, R, K).transpose(-1, -2)
-            total = lgs.sum(0).exp_()
-        else:
-            lgs = _steps(log_g, L).view(L, B, n, Hk, 1, R)               # one per head
-            total = lgs.sum(0).exp_()
+        else:                                                            # dt, or one per head
+            lgs = _steps(log_g, L).view(L, B, n, Hk, 1, R)
+        total = lgs.sum(0)                                               # gates of a chunk
+        total = (total * At if factored else total).exp_()
         # the gates, made step by step in pass 1 below while their slice is in cache (one
         # whole-tensor product and exp cost twice as much here: the tensor is memory-bound),
         # as exp2(x log2 e): torch's exp2 runs 3x faster than its exp here (47 against 147 us
