@@ -93,6 +93,22 @@ def test_chunked_gradients_match_reference_for_extreme_gates(dtype, T, gate, per
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,chunk", [(1, 16), (2, 2), (7, 4), (16, 16), (17, 16), (70, 8),
+                                     (129, 32)])
+@pytest.mark.parametrize("gate", ["normal", "near0", "zero"])
+def test_vector_gradients_every_halving_level(dtype, T, chunk, gate):
+    """The vector form's hand-written backward: chunks of 1 to 16 tokens (every halving level,
+    the 2-token blocks that skip the matmul included), T below, at and past a chunk, q and k
+    shared by groups of 2 heads; every input's gradient and the initial state's."""
+    q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, gate)
+    args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
+    ref = _grads(recurrence_reference, args, T)
+    got = _grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
+    for name, g_ref, g_got in zip("q k v log_g state".split(), ref, got):
+        assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T,chunk", [(1, 8), (29, 8), (200, 64)])
 def test_no_gate_is_plain_linear_attention(dtype, T, chunk):
     """log_g=None: o_t = sum_{s<=t} (q_t . k_s) v_s + S0^T q_t, both backends."""
@@ -235,11 +251,16 @@ def test_scan_in_segments(monkeypatch, form):
 
 
 def test_mamba_shape_through_the_matmul_form():
-    """The ``chunked`` backend takes the factored gate too (materialising it)."""
+    """The ``chunked`` backend takes the factored gate too (materialising it), gradients of A
+    included."""
     args = scan_inputs(1, 70, 1, 48, 16, torch.float64)
     o1, S1 = _call(recurrence_reference)(*args)
     o2, S2 = _call(recurrence_chunked, chunk_size=32)(*args)
     assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
+    ref = _grads(_call(recurrence_reference), args, 3)
+    got = _grads(_call(recurrence_chunked, chunk_size=32), args, 3)
+    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
+        assert rel_err(g_got, g_ref) < 1e-10, name
 
 
 def test_scan_state_splits_sequence():
