@@ -176,11 +176,29 @@ def op_speedups(T: int = 2048) -> list[list]:
         for b in dict.fromkeys(("reference", "chunked", auto)):
             run(b), run(b)  # warm-up
             times[b] = statistics.median(run(b) for _ in range(5))
-        out.append([name, label, times["reference"], times["chunked"], auto, times[auto]])
+        mm_s, calls = _matmul_share(lambda: run(auto))
+        out.append([name, label, times["reference"], times["chunked"], auto, times[auto],
+                    mm_s, calls])
         print(f"op {name:24s} {label:40s} ref {times['reference']:.3f}s  "
               f"chunked {times['chunked']:.4f}s  {auto} {times[auto]:.4f}s  "
-              f"{times['reference'] / times[auto]:.0f}x", file=sys.stderr, flush=True)
+              f"{times['reference'] / times[auto]:.0f}x  matmuls {mm_s:.4f}s  {calls} calls",
+              file=sys.stderr, flush=True)
     return out
+
+
+MATMULS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def _matmul_share(fn) -> tuple[float, int]:
+    """(seconds in matrix products, aten calls) of one profiled run of fn: the products' self
+    time is the part no elementwise rewrite can remove, so reference / that time bounds the
+    speed-up any implementation spending the same products could reach."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
+    return mm, sum(e.count for e in events if e.key.startswith("aten::"))
 
 
 def _op_shapes(T):
@@ -286,7 +304,7 @@ def _merge(path: Path, new: dict) -> dict:
             new[key] = [r for r in old[key] if r[0] not in ran] + new[key]
         done = {tuple(r[:2]) for r in new["speed"]}
         new["speed"] = [r for r in old["speed"]
-                        if len(r) == 6 and tuple(r[:2]) not in done] + new["speed"]
+                        if len(r) == 8 and tuple(r[:2]) not in done] + new["speed"]
         new["date"] = min(old["date"], new["date"]) + (
             "" if old["date"] == new["date"] else f" to {new['date']}")
         new["matmul_runs"] = old.get("matmul_runs", [old["matmul_gflops"]]) + [
@@ -321,10 +339,16 @@ def render(st: dict) -> str:
     lines += [f"| {n} | {r:.1f}x |" for n, r in st["scaling"]]
     lines += ["", "## Ops at T=2048: `reference`, `chunked` and what `auto` runs (forward + "
               "backward of one layer's op)", "",
-              "| op | shape | reference s | chunked s | auto | auto s | reference / auto |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {shape} | {a:.3f} | {b:.4f} | {auto} | {c:.4f} | {a / c:.0f}x |"
-              for n, shape, a, b, auto, c in st["speed"]]
+              "`auto`'s matmuls: the self time of its matrix products in one profiled run "
+              "(profiling slows the rest, not these); reference / that time is the most any "
+              "implementation doing the same products could reach. Calls: aten ops per "
+              "forward + backward.", "",
+              "| op | shape | reference s | chunked s | auto | auto s | reference / auto "
+              "| auto's matmuls s | reference / matmuls | calls |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {shape} | {a:.3f} | {b:.4f} | {auto} | {c:.4f} | {a / c:.0f}x "
+              f"| {mm:.4f} | {f'{a / mm:.0f}x' if mm else '—'} | {calls} |"
+              for n, shape, a, b, auto, c, mm, calls in st["speed"]]
     runs = st.get("matmul_runs", [st["matmul_gflops"]])
     lines += ["", f"## Achieved GFLOP/s (this machine's fp32 2048² matmul: "
               f"{min(runs):.0f}–{max(runs):.0f} GFLOP/s over {len(runs)} runs; shares "
@@ -347,7 +371,7 @@ def targets(st: dict) -> list[str]:
     for name, r in st["scaling"]:
         if name != "llama":                 # global attention is quadratic by design
             rows.append((f"{name}: step(16384) / step(2048) <= 10", f"{r:.1f}x", r <= 10))
-    for n, shape, a, b, auto, c in st["speed"]:
+    for n, shape, a, b, auto, c, *_ in st["speed"]:
         if n != "attention":                # its reference is not a loop; see the op table
             rows.append((f"{n} ({shape}): reference / {auto} >= 20", f"{a / c:.0f}x",
                          a / c >= 20))
