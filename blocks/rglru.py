@@ -68,8 +68,10 @@ class RGLRUSpec(BlockSpec):
     """a = sigmoid(Lambda) is initialised uniformly in a^2 from a_min^2 to a_max^2."""
     a_max: float = Field(0.999, gt=0, lt=1)
     """See a_min."""
-    chunk_size: int = Field(64, ge=1)
-    """Chunk length of the chunked scan."""
+    chunk_size: int = Field(32, ge=1)
+    """Chunk length of the chunked scan. Its steps hold only B x width numbers, so per-call
+    overhead rules: measured here (T=2048, width 256, forward + backward) 11.2 ms at 24-32
+    against 12.6 ms at 64 and 17.2 ms at 128."""
 
     def width(self, d_model: int) -> int:
         return self.lru_width or d_model

@@ -220,7 +220,7 @@ def _op_shapes(T):
         ("gated_linear_recurrence", "Mamba-1: 512 heads, K = 16, V = 1",
          (mamba, {"A": -torch.rand(D_inner, N) * 8})),
         ("gated_linear_recurrence", "RG-LRU: 256 heads, K = V = 1",
-         ([ones, ones, torch.randn(1, T, W, 1), -torch.rand(1, T, W)], {})),
+         ([ones, ones, torch.randn(1, T, W, 1), -torch.rand(1, T, W)], {"chunk_size": 32})),
         ("delta_rule", "4 heads, K = V = 64",
          ([torch.randn(1, T, Hd, Kd), F.normalize(torch.randn(1, T, Hd, Kd), dim=-1),
            torch.randn(1, T, Hd, Kd), -torch.rand(1, T, Hd), -torch.rand(1, T, Hd)], {})),

@@ -172,6 +172,12 @@ def _entering(U: torch.Tensor, gamma: torch.Tensor, S0, reverse: bool = False) -
     return E
 
 
+def _bmm_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b in place (out contiguous), one baddbmm: no temporary product."""
+    flat = out.view((-1,) + out.shape[-2:])
+    flat.baddbmm_(a.reshape((-1,) + a.shape[-2:]), b.reshape((-1,) + b.shape[-2:]))
+
+
 class _ScalarChunked(torch.autograd.Function):
     """The chunked form for one gate per head (or none), with a hand-written backward.
 
@@ -198,24 +204,25 @@ class _ScalarChunked(torch.autograd.Function):
         gamma = l.sum(-1).exp()                                        # (.., n)
         D = segment_decay(l)                                           # (.., n, C, C)
         QK = _bmm(q, k.transpose(-1, -2))                              # (B, Hk, 1, n, C, C)
-        O = _bmm(QK * D, v)                                            # (.., n, C, V)
+        P = QK * D
+        O = _bmm(P, v)                                                 # (.., n, C, V)
         U = _bmm((k * w[..., None]).transpose(-1, -2), v)              # (.., n, K, V)
         E = _entering(U, gamma[..., None, None], S0)                   # entering states
         S = torch.addcmul(U[..., -1, :, :], gamma[..., -1, None, None], E[..., -1, :, :])
-        O.add_(_bmm(q * e[..., None], E))
-        ctx.save_for_backward(q, k, v, l, e, w, gamma, D, QK, E)
+        _bmm_add(O, q * e[..., None], E)
+        ctx.save_for_backward(q, k, v, l, e, w, gamma, D, QK, P, E)
         return O, S
 
     @staticmethod
     def backward(ctx, dO, dS):
-        q, k, v, l, e, w, gamma, D, QK, E = ctx.saved_tensors
+        q, k, v, l, e, w, gamma, D, QK, P, E = ctx.saved_tensors
         n, C = l.shape[-2:]
         h = v.shape[2]
         heads = lambda x: x.sum(2, keepdim=True) if h > 1 else x      # noqa: E731  sum over h
         dO = dO.contiguous()
         # intra-chunk: O = (QK * D) v
         dP = _bmm(dO, v.transpose(-1, -2))                             # (.., n, C, C)
-        dv = _bmm((QK * D).transpose(-1, -2), dO)
+        dv = _bmm(P.transpose(-1, -2), dO)
         G = dP * D                                                     # d(QK) per head
         dQK = heads(G)
         dq = _bmm(dQK, k)
@@ -224,7 +231,10 @@ class _ScalarChunked(torch.autograd.Function):
         qe = q * e[..., None]                                          # (.., h, n, C, K)
         dqe = _bmm(dO, E.transpose(-1, -2))
         dE = _bmm(qe.transpose(-1, -2), dO)                            # (.., n, K, V)
-        dq = dq + heads(dqe * e[..., None])
+        if h == 1:
+            dq.addcmul_(dqe, e[..., None])
+        else:
+            dq.add_(heads(dqe * e[..., None]))
         # across chunks, backwards: S_out = gamma S_in + U
         dU = _entering(dE, gamma[..., None, None], dS, reverse=True)   # dL/dS_out
         gS = torch.addcmul(dE[..., 0, :, :], gamma[..., 0, None, None], dU[..., 0, :, :])
@@ -232,8 +242,11 @@ class _ScalarChunked(torch.autograd.Function):
         # U = (w k)^T v
         kw = k * w[..., None]
         dkw = _bmm(v, dU.transpose(-1, -2))                            # (.., n, C, K)
-        dv = dv + _bmm(kw, dU)
-        dk = dk + heads(dkw * w[..., None])
+        _bmm_add(dv, kw, dU)
+        if h == 1:
+            dk.addcmul_(dkw, w[..., None])
+        else:
+            dk.add_(heads(dkw * w[..., None]))
         dl = None
         if ctx.needs_input_grad[3]:
             # D: each l_s appears in the entries (i, j) with j < s <= i
@@ -333,7 +346,7 @@ class _VectorChunked(torch.autograd.Function):
         U = _bmm((k * w).transpose(-1, -2), v)                              # (.., n, K, V)
         E = _entering(U, gamma[..., None], S0)                              # (.., n, K, V)
         S = torch.addcmul(U[..., -1, :, :], gamma[..., -1, :, None], E[..., -1, :, :])
-        O.add_(_bmm(q * e, E))
+        _bmm_add(O, q * e, E)
         ctx.save_for_backward(q, k, v, e, w, gamma, E, *saved)
         return O, S
 
