@@ -154,8 +154,9 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 
 
 def op_speedups(T: int = 2048) -> list[list]:
-    """[op, shape, reference s, chunked s, auto's backend, auto s]: median of 5 forward +
-    backward runs after two warm-ups, per op and representative per-layer shape at d_model 256.
+    """[op, shape, reference s, chunked s, auto's backend, auto s, auto's matmul s, aten calls]:
+    median of 5 forward + backward runs (the backends interleaved) after two warm-ups, per op
+    and representative per-layer shape at d_model 256, with each block's default chunk length.
     ``auto`` is what a model gets: the registry's pick for that call (for V = 1 shapes the
     ``scan`` backend). Attention's reference is a dense masked softmax, not a loop: its rows
     show what the banded form saves, not a recurrence's loop overhead."""
@@ -172,10 +173,14 @@ def op_speedups(T: int = 2048) -> list[list]:
                 o.float().square().mean().backward()
                 return time.perf_counter() - t
         auto = resolve_backend(name, "auto", args[0].device, args[0].dtype, (args, kw)).name
-        times = {}
-        for b in dict.fromkeys(("reference", "chunked", auto)):
+        backends = list(dict.fromkeys(("reference", "chunked", auto)))
+        for b in backends:
             run(b), run(b)  # warm-up
-            times[b] = statistics.median(run(b) for _ in range(5))
+        runs = {b: [] for b in backends}
+        for _ in range(5):          # interleaved, so that drifts of the machine hit all alike
+            for b in backends:
+                runs[b].append(run(b))
+        times = {b: statistics.median(ts) for b, ts in runs.items()}
         mm_s, calls = _matmul_share(lambda: run(auto))
         out.append([name, label, times["reference"], times["chunked"], auto, times[auto],
                     mm_s, calls])
