@@ -45,8 +45,7 @@ VECTOR_CHUNK = 16
 """Longest chunk of the vector-gate chunked form (rounded up to a power of two, see
 :class:`_VectorChunked`). Short chunks suit it: its intra-chunk work grows as C log C per token
 and the state carried across chunks is cheap. Measured here (T=2048, 8 heads, K = V = 64,
-forward + backward, interleaved): C = 8 took 0.078 s, 16 and 32 0.063 s, 64 0.065 s; 16 keeps
-the entering states (n, K, V) and the log2(C) levels both small."""
+forward + backward, interleaved): C = 8 took 0.078 s, 16 and 32 0.063 s, 64 0.065 s."""
 
 
 def _log_gate(log_g, v: torch.Tensor, acc: torch.dtype, A=None) -> torch.Tensor:
