@@ -183,7 +183,7 @@ class Routed(Block):
             new_state.append(rows)
         if outs:
             p = torch.cat(pos)
-            y = y.index_add(0, p, torch.cat(outs) * gf[p, None])
+            y = y.index_add(0, p, (torch.cat(outs) * gf[p, None]).to(y.dtype))  # autocast
         if self.spec.aux_loss_coef > 0 and T:
             add_aux_loss(self.spec.aux_loss_coef * self.aux_loss(logits, path))
         return y.view(B, T, D), new_state

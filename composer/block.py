@@ -16,6 +16,7 @@ Cost hooks (class methods, used by the layer graph and ``hycomp check``):
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -73,6 +74,21 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for recurrent states and scans: float64 for float64 inputs, else float32 (bf16
     activations keep an fp32 state)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def no_autocast(fn):
+    """Run ``fn`` with autocast off. For the recurrence backends: they cast their inputs to
+    :func:`accum_dtype` themselves and must keep their products there; under a bf16 autocast
+    each matmul would round back to bf16 (and an in-place product into a float32 buffer
+    fails). The first tensor argument names the device."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if x is None or not torch.is_autocast_enabled(x.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 def causal_conv(conv: nn.Conv1d, x: torch.Tensor,

@@ -334,7 +334,7 @@ def _fix_for(e: dict) -> str:
     if t == "literal_error":
         return f"use one of {ctx.get('expected')}"
     if t in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
-        return "use a value that " + e["msg"].lower().removeprefix("input should be ")
+        return "use a value " + e["msg"].lower().removeprefix("input should be ")
     if t.endswith("_parsing") or t.endswith("_type"):
         return "give a value of that type"
     return "change the value as the reason says"

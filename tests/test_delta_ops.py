@@ -152,3 +152,20 @@ def test_auto_backend_is_chunked_and_op_call_matches():
         o_ref, _ = op("delta_rule")(q, k, v, b, lw, s0, a=a)
     o_auto, _ = op("delta_rule")(q, k, v, b, lw, s0, a=a)
     assert rel_err(o_auto, o_ref) < 1e-12
+
+
+@pytest.mark.parametrize("backend", [delta_reference, delta_chunked], ids=["reference", "chunked"])
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_inside_under_bf16_autocast(backend, mode):
+    """A bf16 autocast around the op (as training with dtype bf16 puts one) leaves its float32
+    products alone: outputs, state and gradients equal those without autocast."""
+    args = inputs(mode, 2, 37, 2, 8, 4, torch.float32)
+    res = []
+    for on in (False, True):
+        leaves = [x.clone().requires_grad_(True) if x is not None else None for x in args]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            o, S = backend(*leaves[:6], a=leaves[6])
+        (o.square().sum() + S.sum()).backward()
+        res.append([o, S] + [x.grad for x in leaves if x is not None])
+    for off, on in zip(*res):
+        assert on.dtype == torch.float32 and rel_err(on, off) < 1e-6

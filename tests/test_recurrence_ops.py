@@ -298,3 +298,27 @@ def test_auto_picks_by_shape():
         o, _ = op("gated_linear_recurrence")(*diag[:5], A=diag[5])
     o_ref, _ = recurrence_reference(*diag[:5], A=diag[5])
     assert rel_err(o, o_ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend,form", [
+    ("reference", "vector"), ("chunked", "vector"), ("chunked", "scalar"), ("chunked", "none"),
+    ("scan", "factored"), ("scan", "scalar")])
+def test_float32_inside_under_bf16_autocast(backend, form):
+    """A bf16 autocast around the op (as training with dtype bf16 puts one) leaves its float32
+    products alone: outputs, state and gradients equal those without autocast."""
+    fn = {"reference": recurrence_reference, "chunked": recurrence_chunked,
+          "scan": recurrence_scan}[backend]
+    if backend == "scan":
+        args = scan_inputs(2, 37, 1, 6, 4, torch.float32, form=form)
+    else:
+        q, k, v, lg, s0 = vector_inputs(2, 37, 3, 8, 5, torch.float32)
+        args = (q, k, v, {"vector": lg, "scalar": lg[..., 0], "none": None}[form], s0, None)
+    res = []
+    for on in (False, True):
+        leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            o, S = _call(fn, chunk_size=16)(*leaves)
+        (o.square().sum() + S.sum()).backward()
+        res.append([o, S] + [x.grad for x in leaves if x is not None])
+    for off, on in zip(*res):
+        assert on.dtype == torch.float32 and rel_err(on, off) < 1e-6

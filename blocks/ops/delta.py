@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from composer.block import accum_dtype
+from composer.block import accum_dtype, no_autocast
 from composer.registry import register_backend, register_op
 
 OP = "delta_rule"
@@ -47,6 +47,7 @@ SPAN = 40.0
 
 
 @register_backend(OP, "reference", priority=0)
+@no_autocast
 def delta_reference(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
     """Sequential recurrence, one token at a time: the definition of truth (float64-capable).
 
@@ -145,6 +146,7 @@ def _solve_unit_lower(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 @register_backend(OP, "chunked", priority=10)
+@no_autocast
 def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
     """Chunkwise-parallel form: one triangular solve and a few matmuls per chunk, and across
     chunks one K x K by K x V matmul each.

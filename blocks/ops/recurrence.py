@@ -33,7 +33,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from composer.block import accum_dtype
+from composer.block import accum_dtype, no_autocast
 from composer.registry import register_backend, register_op
 
 OP = "gated_linear_recurrence"
@@ -68,6 +68,7 @@ def _initial(state, shape, acc, device) -> torch.Tensor:
 
 
 @register_backend(OP, "reference", priority=0)
+@no_autocast
 def recurrence_reference(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """Sequential recurrence, one token at a time: the definition of truth (float64-capable).
 
@@ -94,6 +95,7 @@ def recurrence_reference(q, k, v, log_g=None, state=None, chunk_size: int = 64, 
 
 
 @register_backend(OP, "chunked", priority=10)
+@no_autocast
 def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """Chunkwise-parallel form: matmuls inside chunks of ``chunk_size``, recurrence across.
 
@@ -214,6 +216,7 @@ class _ScalarChunked(torch.autograd.Function):
         return O, S
 
     @staticmethod
+    @no_autocast
     def backward(ctx, dO, dS):
         q, k, v, l, e, w, gamma, D, QK, P, E = ctx.saved_tensors
         n, C = l.shape[-2:]
@@ -351,6 +354,7 @@ class _VectorChunked(torch.autograd.Function):
         return O, S
 
     @staticmethod
+    @no_autocast
     def backward(ctx, dO, dS):
         q, k, v, e, w, gamma, E, *saved = ctx.saved_tensors
         n, C = q.shape[-3:-1]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from blocks.ops.recurrence import OP
-from composer.block import accum_dtype
+from composer.block import accum_dtype, no_autocast
 from composer.registry import register_backend
 
 
@@ -54,6 +54,7 @@ def _diagonal_only(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None
 
 
 @register_backend(OP, "scan", priority=20, accepts=_diagonal_only)
+@no_autocast
 def recurrence_scan(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """Chunk-parallel elementwise scan for V = 1 (Mamba-1, RG-LRU), hand-written backward."""
     B, T, H, _ = v.shape
@@ -156,6 +157,7 @@ class _DiagonalScan(torch.autograd.Function):
         return _unsteps(ys, T).reshape(B, T, H), h.transpose(-1, -2).reshape(B, H, K)
 
     @staticmethod
+    @no_autocast
     def backward(ctx, dy, dh):
         qs, ks, vs, lgs, a, Hs, entering, *maybe_A = ctx.saved_tensors
         L, T, factored = ctx.L, ctx.T, ctx.factored
