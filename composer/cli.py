@@ -325,13 +325,38 @@ def _preflight(recipe: str, overrides: list[str]) -> None:
         else:
             axes.append([o.input_line])
     jobs = list(itertools.islice(itertools.product(*axes), MAX_PREFLIGHT))
+    probed = set()
     for job in jobs:
         try:
-            validate_recipe(compose_dict(recipe, list(job)))
+            r = validate_recipe(compose_dict(recipe, list(job)))
+            if any(choice != "auto" for choice in r.kernels.values()):
+                key = json.dumps([r.model.model_dump(mode="json"), r.kernels, r.train.device,
+                                  r.train.dtype], sort_keys=True, default=str)
+                if key not in probed:
+                    probed.add(key)
+                    _probe_kernels(r)
         except HycompError as e:
             if len(jobs) > 1:
                 e.what = f"{e.what}  [sweep job: {' '.join(job)}]"
             raise
+
+
+def _probe_kernels(recipe) -> None:
+    """Run the model once on two tokens with the recipe's kernel choices, on the device and in
+    the dtype training will use. An explicit backend may refuse the shapes a block hands it
+    (``scan`` takes one value column per head): only a call shows that, and a sweep should
+    stop here, before its first job, rather than when the bad job's turn comes. Done only
+    for recipes that name a backend; a HycompError (the registry's) propagates."""
+    import torch
+
+    import composer
+    from composer.train import pick_device
+    device = pick_device(recipe.train.device)
+    model = composer.build_model(recipe).to(device)
+    ids = torch.zeros(1, min(2, recipe.model.max_seq_len), dtype=torch.long, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                         enabled=recipe.train.dtype == "bf16"):
+        model(ids)
 
 
 if __name__ == "__main__":

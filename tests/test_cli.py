@@ -117,8 +117,15 @@ def test_train_sweep_and_resume_through_the_cli(tmp_path):
 
 def test_backend_refusing_the_shapes_exits_cleanly(tmp_path):
     """kernels.gated_linear_recurrence=scan with Mamba-2 (V > 1): the registry's shape check
-    stops the first forward with what/where/why/fix and exit 2, no traceback."""
+    stops the preflight with what/where/why/fix and exit 2, no traceback, no run folder; in a
+    sweep, before its first job."""
     p = hycomp("train", *TINY_TRAIN, "kernels.gated_linear_recurrence=scan",
                f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "kernels.gated_linear_recurrence" in p.stderr and "V = 1" in p.stderr
+    assert not (tmp_path / "run").exists()
+    p = hycomp("train", "-m", *TINY_TRAIN, "kernels.gated_linear_recurrence=auto,scan",
+               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "sweep job" in p.stderr and "kernels.gated_linear_recurrence=scan" in p.stderr
+    assert not (tmp_path / "sweep").exists()
