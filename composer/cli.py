@@ -205,13 +205,15 @@ def _kernels(args) -> int:
     for op_name, backends in ops().items():
         # the pick for any call; a shape-restricted backend above it wins the calls it takes
         auto = resolve_backend(op_name, "auto", torch.device("cpu"), torch.float32)
+        marked = set()   # shape declarations already won by a higher-priority backend
         for b in sorted(backends.values(), key=lambda b: -b.priority):
             miss = b.available()
             if b.name == auto.name:
                 mark = "<- auto"
             elif (b.accepts is not None and b.priority > auto.priority and miss is None
-                  and b.fits(torch.device("cpu"), torch.float32)):
+                  and b.fits(torch.device("cpu"), torch.float32) and b.shapes not in marked):
                 mark = "<- auto for these shapes"
+                marked.add(b.shapes)
             else:
                 mark = ""
             rows.append((op_name, b.name, str(b.priority), ",".join(sorted(b.devices)),

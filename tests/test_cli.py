@@ -87,6 +87,9 @@ def test_kernels_table():
     assert "<- auto" in p.stdout
     scan = next(line for line in p.stdout.splitlines() if " scan " in line)
     assert "V = 1" in scan and "<- auto for these shapes" in scan   # the shape declaration
+    # the same shapes at a lower priority: chosen by name only
+    slow = next(line for line in p.stdout.splitlines() if " scan_recompute " in line)
+    assert "V = 1" in slow and "<- auto" not in slow
 
 
 TINY_TRAIN = ["model.d_model=32", "train.steps=4", "train.eval_every=2", "train.ckpt_every=2",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blocks.ops.recurrence import recurrence_chunked, recurrence_reference
-from blocks.ops.scan import recurrence_scan
+from blocks.ops.scan import recurrence_scan, recurrence_scan_recompute
 
 from conftest import rel_err
 
@@ -322,3 +322,47 @@ def test_float32_inside_under_bf16_autocast(backend, form):
         res.append([o, S] + [x.grad for x in leaves if x is not None])
     for off, on in zip(*res):
         assert on.dtype == torch.float32 and rel_err(on, off) < 1e-6
+
+
+@pytest.mark.parametrize("form", ["factored", "scalar", "vector"])
+def test_scan_recompute_matches_reference(monkeypatch, form):
+    """``scan_recompute``: the same results as the reference (outputs, state, every gradient),
+    over several segments, each made again in the backward."""
+    import blocks.ops.scan as scan_mod
+    monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
+    args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
+    o1, S1 = _call(recurrence_reference)(*args)
+    o2, S2 = _call(recurrence_scan_recompute, chunk_size=8)(*args)
+    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
+    ref = _grads(_call(recurrence_reference), args, 4)
+    got = _grads(_call(recurrence_scan_recompute, chunk_size=8), args, 4)
+    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
+        if g_ref is not None:
+            assert rel_err(g_got, g_ref) < 1e-10, name
+
+
+def _saved_bytes(fn, args) -> int:
+    """Bytes autograd keeps for the backward of one call (tensors packed by saved-tensor
+    hooks; the recomputing backend's checkpoint holds only its inputs, alive anyway)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o, S = fn(*leaves)
+    (o.sum() + S.sum()).backward()
+    return total
+
+
+def test_scan_recompute_keeps_no_gates_or_states():
+    """``scan`` keeps its gates and states (2 x T x H x K numbers) for the backward;
+    ``scan_recompute`` keeps at most its inputs."""
+    T, H, K = 300, 48, 16
+    args = scan_inputs(1, T, 1, H, K, torch.float32)
+    inputs = sum(a.numel() * a.element_size() for a in args if a is not None)
+    assert _saved_bytes(_call(recurrence_scan), args) >= 2 * T * H * K * 4
+    assert _saved_bytes(_call(recurrence_scan_recompute), args) <= inputs

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from blocks.ops.recurrence import OP
 from composer.block import accum_dtype, no_autocast
@@ -57,6 +58,21 @@ def _diagonal_only(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None
 @no_autocast
 def recurrence_scan(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """Chunk-parallel elementwise scan for V = 1 (Mamba-1, RG-LRU), hand-written backward."""
+    return _scan(q, k, v, log_g, state, chunk_size, A, recompute=False)
+
+
+@register_backend(OP, "scan_recompute", priority=15, accepts=_diagonal_only)
+@no_autocast
+def recurrence_scan_recompute(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
+    """``scan`` keeping only its inputs for the backward: each segment's gates and states are
+    made again there, one segment at a time (one more forward's work). ``scan`` keeps them
+    all, 2 x T x H x K numbers per call: at T=16384, d_inner 512 and d_state 16, 1 GiB per
+    Mamba-1 layer until the backward. Chosen by name (``kernels.gated_linear_recurrence=
+    scan_recompute``); ``auto`` prefers the faster ``scan``."""
+    return _scan(q, k, v, log_g, state, chunk_size, A, recompute=True)
+
+
+def _scan(q, k, v, log_g, state, chunk_size, A, recompute: bool):
     B, T, H, _ = v.shape
     Hk, K = q.shape[2:]
     acc = accum_dtype(q.dtype)
@@ -75,7 +91,12 @@ def recurrence_scan(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=Non
     ys, h = [], h0
     for s in range(0, T, seg):
         part = [t[:, s:s + seg].to(acc) for t in (q, k, v[..., 0], log_g)]
-        y, h = _DiagonalScan.apply(h, L, A is not None, *part, *([Af] if A is not None else []))
+        extra = [Af] if A is not None else []
+        if recompute and torch.is_grad_enabled():
+            y, h = checkpoint(_DiagonalScan.apply, h, L, A is not None, *part, *extra,
+                              use_reentrant=False)
+        else:
+            y, h = _DiagonalScan.apply(h, L, A is not None, *part, *extra)
         ys.append(y)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, 1)
     return y[..., None].to(q.dtype), h[..., None].to(q.dtype)
