@@ -302,13 +302,13 @@ def test_auto_picks_by_shape():
 
 @pytest.mark.parametrize("backend,form", [
     ("reference", "vector"), ("chunked", "vector"), ("chunked", "scalar"), ("chunked", "none"),
-    ("scan", "factored"), ("scan", "scalar")])
+    ("scan", "factored"), ("scan", "scalar"), ("scan_recompute", "factored")])
 def test_float32_inside_under_bf16_autocast(backend, form):
     """A bf16 autocast around the op (as training with dtype bf16 puts one) leaves its float32
     products alone: outputs, state and gradients equal those without autocast."""
     fn = {"reference": recurrence_reference, "chunked": recurrence_chunked,
-          "scan": recurrence_scan}[backend]
-    if backend == "scan":
+          "scan": recurrence_scan, "scan_recompute": recurrence_scan_recompute}[backend]
+    if backend.startswith("scan"):
         args = scan_inputs(2, 37, 1, 6, 4, torch.float32, form=form)
     else:
         q, k, v, lg, s0 = vector_inputs(2, 37, 3, 8, 5, torch.float32)
