@@ -46,7 +46,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hycomp", description="Hybrid Composer: compose, check, "
                                  "draw and train hybrid efficient language models.",
-                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     from composer import __version__
     ap.add_argument("--version", action="version", version=f"hycomp {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="command")

@@ -6,8 +6,9 @@
 One step = forward + backward of the mean next-token cross-entropy, batch 1, fp32, the sizes
 below (d_model 256, 4 layers, vocab 256); tokens/s = T / median step time over repeats after one
 warm-up step. Both sides of a case are built with matching widths and timed interleaved, step
-for step, in the same process, so they see the same machine state. Also measured: each op's ``chunked``
-backend against its ``reference`` at T=2048 (forward + backward), achieved GFLOP/s (3 x the
+for step, in the same process, so they see the same machine state. Also measured: each op's
+``chunked`` backend (and ``auto``'s pick) against its ``reference`` at T=2048 (forward +
+backward), with the seconds of auto's matrix products, achieved GFLOP/s (3 x the
 layer graph's forward FLOPs per token x T / step time) and this machine's fp32 matmul
 throughput. Not imported by the package; needs transformers (the test extra).
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import composer  # noqa: E402
 from composer.graph import totals  # noqa: E402
-from composer.registry import block_types, ops  # noqa: E402
+from composer.registry import block_types  # noqa: E402
 
 D, L, V, FF = 256, 4, 256, 704
 

@@ -200,7 +200,6 @@ class _ScalarChunked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, l, S0):
-        n = v.shape[3]
         e = l.cumsum(-1).exp()                                         # (.., n, C)
         w = suffix_sum(l, -1).exp()
         gamma = l.sum(-1).exp()                                        # (.., n)
@@ -219,7 +218,7 @@ class _ScalarChunked(torch.autograd.Function):
     @no_autocast
     def backward(ctx, dO, dS):
         q, k, v, l, e, w, gamma, D, QK, P, E = ctx.saved_tensors
-        n, C = l.shape[-2:]
+        C = l.shape[-1]
         h = v.shape[2]
         heads = lambda x: x.sum(2, keepdim=True) if h > 1 else x      # noqa: E731  sum over h
         dO = dO.contiguous()
@@ -331,7 +330,7 @@ class _VectorChunked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, l, S0):
-        n, C = q.shape[-3:-1]
+        C = q.shape[-2]
         e = l.cumsum(-2).exp()
         w = suffix_sum(l).exp()
         gamma = l.sum(-2).exp()                                             # (.., n, K)
@@ -357,7 +356,7 @@ class _VectorChunked(torch.autograd.Function):
     @no_autocast
     def backward(ctx, dO, dS):
         q, k, v, e, w, gamma, E, *saved = ctx.saved_tensors
-        n, C = q.shape[-3:-1]
+        C = q.shape[-2]
         dO = dO.contiguous()
         # inter-chunk: O += (e q) E_in
         qe = q * e
