@@ -188,6 +188,19 @@ def _call(fn, **kw):
     return lambda q, k, v, log_g=None, s0=None, A=None: fn(q, k, v, log_g, s0, A=A, **kw)
 
 
+def _matches_reference(fn, args, seed, tol=1e-10):
+    """fn (over scan_inputs' tuple) equals the reference on outputs, final state and the
+    gradient of every input that has one."""
+    o1, S1 = _call(recurrence_reference)(*args)
+    o2, S2 = fn(*args)
+    assert rel_err(o2, o1) < tol and rel_err(S2, S1) < tol
+    ref = _grads(_call(recurrence_reference), args, seed)
+    got = _grads(fn, args, seed)
+    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
+        if g_ref is not None:
+            assert rel_err(g_got, g_ref) < tol, name
+
+
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
 def test_factored_gate_reference_matches_closed_form(gate):
     """log gate dt * A, q = C and k = B shared by all heads: the closed form of the vector-gate
@@ -242,25 +255,14 @@ def test_scan_in_segments(monkeypatch, form):
     import blocks.ops.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
-    ref = _grads(_call(recurrence_reference), args, 9)
-    got = _grads(_call(recurrence_scan, chunk_size=8), args, 9)
-    o1, S1 = _call(recurrence_reference)(*args)
-    o2, S2 = _call(recurrence_scan, chunk_size=8)(*args)
-    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
-    assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
+    _matches_reference(_call(recurrence_scan, chunk_size=8), args, 9)
 
 
 def test_mamba_shape_through_the_matmul_form():
     """The ``chunked`` backend takes the factored gate too (materialising it), gradients of A
     included."""
     args = scan_inputs(1, 70, 1, 48, 16, torch.float64)
-    o1, S1 = _call(recurrence_reference)(*args)
-    o2, S2 = _call(recurrence_chunked, chunk_size=32)(*args)
-    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
-    ref = _grads(_call(recurrence_reference), args, 3)
-    got = _grads(_call(recurrence_chunked, chunk_size=32), args, 3)
-    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
-        assert rel_err(g_got, g_ref) < 1e-10, name
+    _matches_reference(_call(recurrence_chunked, chunk_size=32), args, 3)
 
 
 def test_scan_state_splits_sequence():
@@ -331,14 +333,7 @@ def test_scan_recompute_matches_reference(monkeypatch, form):
     import blocks.ops.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
-    o1, S1 = _call(recurrence_reference)(*args)
-    o2, S2 = _call(recurrence_scan_recompute, chunk_size=8)(*args)
-    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
-    ref = _grads(_call(recurrence_reference), args, 4)
-    got = _grads(_call(recurrence_scan_recompute, chunk_size=8), args, 4)
-    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
-        if g_ref is not None:
-            assert rel_err(g_got, g_ref) < 1e-10, name
+    _matches_reference(_call(recurrence_scan_recompute, chunk_size=8), args, 4)
 
 
 def _saved_bytes(fn, args) -> int:
