@@ -96,16 +96,58 @@ def test_chunked_gradients_match_reference_for_extreme_gates(dtype, T, gate, per
 @pytest.mark.parametrize("T,chunk", [(1, 16), (2, 2), (7, 4), (16, 16), (17, 16), (70, 8),
                                      (129, 32)])
 @pytest.mark.parametrize("gate", ["normal", "near0", "zero"])
-def test_vector_gradients_every_halving_level(dtype, T, chunk, gate):
-    """The vector form's hand-written backward: chunks of 1 to 16 tokens (every halving level,
-    the 2-token blocks that skip the matmul included), T below, at and past a chunk, q and k
-    shared by groups of 2 heads; every input's gradient and the initial state's."""
+def test_vector_gradients_every_halving_level(monkeypatch, dtype, T, chunk, gate):
+    """The halving form's hand-written backward (forced for every gate here): chunks of 1 to
+    16 tokens (every halving level, the 2-token blocks that skip the matmul included), T below,
+    at and past a chunk, q and k shared by groups of 2 heads; every input's gradient and the
+    initial state's."""
+    import blocks.ops.recurrence as rec
+    monkeypatch.setattr(rec, "VECTOR_SPAN", -1.0)      # no chunk qualifies: always halving
     q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, gate)
     args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
     ref = _grads(recurrence_reference, args, T)
     got = _grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
     for name, g_ref, g_got in zip("q k v log_g state".split(), ref, got):
         assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,chunk", [(1, 64), (7, 4), (16, 16), (17, 16), (70, 8), (129, 64),
+                                     (100, 1), (45, 45)])
+@pytest.mark.parametrize("gate", ["normal", "near1", "span"])
+def test_vector_narrow_form(dtype, T, chunk, gate):
+    """Chunks decaying at most VECTOR_SPAN take the one-matmul form (checked to be the one
+    chosen): outputs, state and every gradient equal the reference, q and k shared by groups
+    of 2 heads. ``span``: log gates making each chunk decay by 98-100% of the limit, where
+    the key factors reach exp(40)."""
+    from blocks.ops import recurrence as rec
+    q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, "normal" if gate == "span" else gate)
+    C = max(1, min(chunk, T))
+    if gate == "span":
+        lg = -0.999 * rec.VECTOR_SPAN / C * (1 - 0.02 * torch.rand_like(lg))
+    assert rec._decays_within(lg, C, rec.VECTOR_SPAN)
+    args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
+    o1, S1 = recurrence_reference(*args)
+    o2, S2 = recurrence_chunked(*args, chunk_size=chunk)
+    assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
+    ref = _grads(recurrence_reference, args, T)
+    got = _grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
+    for name, g_ref, g_got in zip("q k v log_g state".split(), ref, got):
+        assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
+
+
+def test_vector_form_choice_is_per_call():
+    """One chunk decaying past VECTOR_SPAN sends the whole call to the halving form, and the
+    result still equals the reference."""
+    from blocks.ops import recurrence as rec
+    q, k, v, lg, s0 = vector_inputs(1, 80, 2, 4, 3, torch.float64)
+    lg = lg / 100
+    lg[:, 40] = -60.0                                    # one token decaying to ~1e-26
+    assert not rec._decays_within(lg, 16, rec.VECTOR_SPAN)
+    assert rec._decays_within(lg[:, :32], 16, rec.VECTOR_SPAN)
+    o1, S1 = recurrence_reference(q, k, v, lg, s0)
+    o2, S2 = recurrence_chunked(q, k, v, lg, s0, chunk_size=16)
+    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
