@@ -121,8 +121,10 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     rounding even where exp(...) is tiny (log g = -30 per step), instead of being the rounding
     left when two large prefix sums cancel. Scalar gates give a (C x C) decay matrix per head,
     q k^T is computed once per group of heads sharing q and k, and the backward is written by
-    hand (:class:`_ScalarChunked`); vector gates split each chunk recursively, see
-    :class:`_VectorChunked`. With ``A`` the vector gate log_g[..., None] * A is materialised.
+    hand (:class:`_ScalarChunked`). Vector gates split each chunk recursively
+    (:class:`_VectorChunked`), unless no chunk decays by more than exp(-VECTOR_SPAN): then a
+    chunk is one matmul of factors exp(+-prefix sums), bounded by exp(VECTOR_SPAN)
+    (:class:`_VectorNarrow`). With ``A`` the vector gate log_g[..., None] * A is materialised.
     """
     if A is not None:
         log_g, A = _log_gate(log_g, v, accum_dtype(q.dtype), A), None
