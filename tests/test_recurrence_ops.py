@@ -102,7 +102,7 @@ def test_vector_gradients_every_halving_level(monkeypatch, dtype, T, chunk, gate
     at and past a chunk, q and k shared by groups of 2 heads; every input's gradient and the
     initial state's."""
     import blocks.ops.recurrence as rec
-    monkeypatch.setattr(rec, "VECTOR_SPAN", -1.0)      # no chunk qualifies: always halving
+    monkeypatch.setattr(rec, "NARROW_SPAN", -1.0)      # no chunk qualifies: always halving
     q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, gate)
     args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
     ref = _grads(recurrence_reference, args, T)
@@ -115,18 +115,24 @@ def test_vector_gradients_every_halving_level(monkeypatch, dtype, T, chunk, gate
 @pytest.mark.parametrize("T,chunk", [(1, 64), (7, 4), (16, 16), (17, 16), (70, 8), (129, 64),
                                      (100, 1), (45, 45)])
 @pytest.mark.parametrize("gate", ["normal", "near1", "span"])
-def test_vector_narrow_form(dtype, T, chunk, gate):
-    """Chunks decaying at most VECTOR_SPAN take the one-matmul form (checked to be the one
-    chosen): outputs, state and every gradient equal the reference, q and k shared by groups
-    of 2 heads. ``span``: log gates making each chunk decay by 98-100% of the limit, where
-    the key factors reach exp(40)."""
+@pytest.mark.parametrize("per", ["key_dim", "head"])
+def test_narrow_form(monkeypatch, dtype, T, chunk, gate, per):
+    """Chunks decaying at most NARROW_SPAN take the one-matmul form (checked to be the one
+    that runs), vector gates (q and k shared by groups of 2 heads) and scalar gates (q and k
+    per head): outputs, state and every gradient equal the reference. ``span``: log gates
+    making each chunk decay by 98-100% of the limit, where the key factors reach exp(40)."""
     from blocks.ops import recurrence as rec
     q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, "normal" if gate == "span" else gate)
     C = max(1, min(chunk, T))
     if gate == "span":
-        lg = -0.999 * rec.VECTOR_SPAN / C * (1 - 0.02 * torch.rand_like(lg))
-    assert rec._decays_within(lg, C, rec.VECTOR_SPAN)
-    args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
+        lg = -0.999 * rec.NARROW_SPAN / C * (1 - 0.02 * torch.rand_like(lg))
+    if per == "head":
+        lg = lg[..., 0]
+    assert rec._decays_within(lg, C, rec.NARROW_SPAN)
+    calls = []
+    monkeypatch.setattr(rec._NarrowChunked, "apply",
+                        lambda *a, _f=rec._NarrowChunked.apply: calls.append(1) or _f(*a))
+    args = (q[:, :, :2], k[:, :, :2], v, lg, s0) if per == "key_dim" else (q, k, v, lg, s0)
     o1, S1 = recurrence_reference(*args)
     o2, S2 = recurrence_chunked(*args, chunk_size=chunk)
     assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
@@ -134,17 +140,47 @@ def test_vector_narrow_form(dtype, T, chunk, gate):
     got = _grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
     for name, g_ref, g_got in zip("q k v log_g state".split(), ref, got):
         assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
+    assert calls
+
+
+@pytest.mark.parametrize("per", ["key_dim", "head"])
+def test_narrow_form_with_shared_q_and_k(per):
+    """The one-matmul form itself takes q and k shared by the heads of a group (the chunked
+    backend sends such scalar-gate calls to the decay-matrix form instead), sums their
+    gradients over the group, and equals the reference."""
+    from blocks.ops import recurrence as rec
+    B, T, C, Hk, h, K, V = 2, 48, 16, 2, 3, 4, 5
+    q, k, v, lg, s0 = vector_inputs(B, T, Hk * h, K, V, torch.float64)
+    q, k = q[:, :, :Hk], k[:, :, :Hk]
+    lg = lg if per == "key_dim" else lg[..., :1]
+
+    def narrow(q, k, v, lg, s0):
+        n = T // C
+        lay = lambda x, g: x.transpose(1, 2).reshape(B, Hk, g, n, C, x.shape[-1])  # noqa: E731
+        o, S = rec._NarrowChunked.apply(lay(q, 1), lay(k, 1), lay(v, h), lay(lg, h),
+                                        s0.reshape(B, Hk, h, K, V))
+        return o.reshape(B, Hk * h, T, V).transpose(1, 2), S.reshape(B, Hk * h, K, V)
+
+    ref_fn = lambda q, k, v, lg, s0: recurrence_reference(  # noqa: E731
+        q, k, v, lg if per == "key_dim" else lg[..., 0], s0)
+    args = (q, k, v, lg, s0)
+    o1, S1 = ref_fn(*args)
+    o2, S2 = narrow(*args)
+    assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
+    for name, g_ref, g_got in zip("q k v log_g state".split(), _grads(ref_fn, args, 1),
+                                  _grads(narrow, args, 1)):
+        assert rel_err(g_got, g_ref) < 1e-10, name
 
 
 def test_vector_form_choice_is_per_call():
-    """One chunk decaying past VECTOR_SPAN sends the whole call to the halving form, and the
+    """One chunk decaying past NARROW_SPAN sends the whole call to the halving form, and the
     result still equals the reference."""
     from blocks.ops import recurrence as rec
     q, k, v, lg, s0 = vector_inputs(1, 80, 2, 4, 3, torch.float64)
     lg = lg / 100
     lg[:, 40] = -60.0                                    # one token decaying to ~1e-26
-    assert not rec._decays_within(lg, 16, rec.VECTOR_SPAN)
-    assert rec._decays_within(lg[:, :32], 16, rec.VECTOR_SPAN)
+    assert not rec._decays_within(lg, 16, rec.NARROW_SPAN)
+    assert rec._decays_within(lg[:, :32], 16, rec.NARROW_SPAN)
     o1, S1 = recurrence_reference(q, k, v, lg, s0)
     o2, S2 = recurrence_chunked(q, k, v, lg, s0, chunk_size=16)
     assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10

@@ -48,14 +48,16 @@ and the state carried across chunks is cheap. Measured here (T=2048, 8 heads, K 
 forward + backward, interleaved): C = 8 took 0.078 s, 16 and 32 0.063 s, 64 0.065 s."""
 
 
-VECTOR_SPAN = 40.0
-"""Largest decay inside one chunk, -sum of its log gates (per key dim), for which the
-vector-gate form takes its one-matmul path (:class:`_VectorNarrow`): there each pair's decay
+NARROW_SPAN = 40.0
+"""Largest decay inside one chunk, -sum of its log gates (per head, or per key dim), for which
+a call takes the one-matmul form (:class:`_NarrowChunked`): there each pair's decay
 exp(b_i - b_j) is the product exp(b_i) exp(-b_j) of the chunk's own prefix sums b, and the key
-factor, at most exp(40) ~ 2e17, is far from overflow even in float32. Chunks decaying further
-(gates near 0) take the halving form, whose exponents are all <= 0. Measured here (T=2048,
-8 heads, K = V = 64, log g in [-1/8, 0], forward + backward, interleaved): 0.031 s against
-0.059 s."""
+factor, at most exp(40) ~ 2e17, is far from overflow even in float32. Calls with a chunk
+decaying further (gates near 0) take the forms whose exponents are all <= 0: the halving form
+for vector gates, the decay-matrix form for scalar ones. Measured here (T=2048, 8 heads,
+K = V = 64, forward + backward, interleaved): vector gates in [-1/8, 0] 0.031 s against 0.059 s
+by halving; scalar gates in [-1, 0] 0.027 s against 0.032 s with the decay matrix (equal for
+8 heads sharing one q and k, as in Mamba-2, where the decay-matrix form is kept)."""
 
 
 def _log_gate(log_g, v: torch.Tensor, acc: torch.dtype, A=None) -> torch.Tensor:
@@ -122,9 +124,9 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     left when two large prefix sums cancel. Scalar gates give a (C x C) decay matrix per head,
     q k^T is computed once per group of heads sharing q and k, and the backward is written by
     hand (:class:`_ScalarChunked`). Vector gates split each chunk recursively
-    (:class:`_VectorChunked`), unless no chunk decays by more than exp(-VECTOR_SPAN): then a
-    chunk is one matmul of factors exp(+-prefix sums), bounded by exp(VECTOR_SPAN)
-    (:class:`_VectorNarrow`). With ``A`` the vector gate log_g[..., None] * A is materialised.
+    (:class:`_VectorChunked`), unless no chunk decays by more than exp(-NARROW_SPAN): then a
+    chunk is one matmul of factors exp(+-prefix sums), bounded by exp(NARROW_SPAN)
+    (:class:`_NarrowChunked`). With ``A`` the vector gate log_g[..., None] * A is materialised.
     """
     if A is not None:
         log_g, A = _log_gate(log_g, v, accum_dtype(q.dtype), A), None
@@ -136,10 +138,13 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
         return v.new_zeros(B, 0, H, V, dtype=q.dtype), S.to(q.dtype)
     vector = log_g is not None and log_g.dim() == 4
     C = max(1, min(chunk_size, T))
-    narrow = False
+    # the one-matmul form where every chunk decays at most NARROW_SPAN: for vector gates, and
+    # for scalar gates with q, k per head (shared q, k: the decay-matrix form computes q k^T
+    # once per group; no gate: it has nothing to factor)
+    narrow = log_g is not None and _decays_within(log_g, C, NARROW_SPAN) and (
+        vector or Hk == H)
     if vector:                                    # q, k per head
         q, k, Hk = _per_head(q, H), _per_head(k, H), H
-        narrow = _decays_within(log_g, C, VECTOR_SPAN)
         if not narrow:                            # the halving form: a power-of-two chunk
             C = 1 << (min(C, VECTOR_CHUNK) - 1).bit_length()
     n = -(-T // C)
@@ -153,11 +158,11 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
 
     qc, kc, vc = prep(q), prep(k), prep(v)                 # q, k: (B, Hk, 1, n, C, K)
     lg = prep(_log_gate(log_g, v, acc))                    # (B, Hk, H / Hk, n, C, K')
-    if not vector:
+    if not vector and not narrow:
         o, S = _ScalarChunked.apply(qc, kc, vc, lg[..., 0], S.reshape(B, Hk, H // Hk, K, V))
         o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
         return o.to(q.dtype), S.reshape(B, H, K, V).to(q.dtype)
-    form = _VectorNarrow if narrow else _VectorChunked
+    form = _NarrowChunked if narrow else _VectorChunked
     o, S = form.apply(qc, kc, vc, lg, S.reshape(B, Hk, H // Hk, K, V))
     o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
     return o.to(q.dtype), S.reshape(B, H, K, V).to(q.dtype)
@@ -166,9 +171,8 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
 def _decays_within(log_g: torch.Tensor, C: int, span: float) -> bool:
     """Whether every chunk of C positions (along dim 1) sums its log gates to at least -span
     (per head and key dim)."""
-    T = log_g.shape[1]
-    pad = -T % C
-    x = F.pad(log_g, (0, 0, 0, 0, 0, pad)) if pad else log_g
+    pad = -log_g.shape[1] % C
+    x = F.pad(log_g, (0, 0) * (log_g.dim() - 2) + (0, pad)) if pad else log_g
     return bool(x.unflatten(1, (-1, C)).sum(2).min() >= -span)
 
 
@@ -421,10 +425,11 @@ class _VectorChunked(torch.autograd.Function):
         return dq, dk, dv, dl, gS
 
 
-class _VectorNarrow(torch.autograd.Function):
-    """The vector-gate chunked form for chunks that decay at most ``VECTOR_SPAN``: one matmul
-    per chunk for the pairs inside it. Shapes as :class:`_VectorChunked` (any C). With the
-    chunk's prefix sums b_i = sum_{s<=i} l_s (<= 0, >= -VECTOR_SPAN),
+class _NarrowChunked(torch.autograd.Function):
+    """The chunked form for chunks that decay at most ``NARROW_SPAN``: one matmul per chunk for
+    the pairs inside it. Shapes as :class:`_VectorChunked` (any C), l's last dim K or 1 (one
+    gate per head), q, k possibly shared by the h heads of a group. With the chunk's prefix
+    sums b_i = sum_{s<=i} l_s (<= 0, >= -NARROW_SPAN),
 
         qt = q * exp(b)    kt = k * exp(-b)    O = P v + qt S_in
         S_out = gamma * S_in + (w * k)^T v         (w_j = exp(sum_{s>j} l_s), as there)
@@ -475,12 +480,14 @@ class _VectorNarrow(torch.autograd.Function):
         kw = k * w
         dkw = _bmm(v, dU.transpose(-1, -2))                                  # (.., n, C, K)
         _bmm_add(dv, kw, dU)
-        db = dqt * qt - dkt * kt
-        dq = torch.addcmul(dqt * e, d_diag, k)
-        dk = torch.addcmul(dkt * einv, dkw, w).addcmul_(d_diag, q)
+        # to the inputs' shapes: q, k shared by the h heads of a group, gates one per head
+        lsh = e.shape                                          # l's: (.., n, C, K or 1)
+        db = (dqt * qt - dkt * kt).sum_to_size(lsh)
+        dq = torch.addcmul(dqt * e, d_diag, k).sum_to_size(q.shape)
+        dk = torch.addcmul(dkt * einv, dkw, w).addcmul_(d_diag, q).sum_to_size(k.shape)
         dl = _rcumsum(db)                                                    # b's sums
-        dl += _excl_cumsum(dkw * kw)                                         # w's sums
-        dl += (dgamma * gamma)[..., None, :]                                 # gamma's
+        dl += _excl_cumsum((dkw * kw).sum_to_size(lsh))                      # w's sums
+        dl += (dgamma * gamma).sum_to_size(lsh[:-2] + lsh[-1:])[..., None, :]  # gamma's
         return dq, dk, dv, dl, gS
 
 
