@@ -141,8 +141,8 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     # the one-matmul form where every chunk decays at most NARROW_SPAN: for vector gates, and
     # for scalar gates with q, k per head (shared q, k: the decay-matrix form computes q k^T
     # once per group; no gate: it has nothing to factor)
-    narrow = log_g is not None and _decays_within(log_g, C, NARROW_SPAN) and (
-        vector or Hk == H)
+    narrow = (log_g is not None and (vector or Hk == H)
+              and _decays_within(log_g, C, NARROW_SPAN))
     if vector:                                    # q, k per head
         q, k, Hk = _per_head(q, H), _per_head(k, H), H
         if not narrow:                            # the halving form: a power-of-two chunk
@@ -185,14 +185,17 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(batch + out.shape[-2:])
 
 
-def _entering(U: torch.Tensor, gamma: torch.Tensor, S0, reverse: bool = False) -> torch.Tensor:
-    """The states entering each chunk, (..., n, K, V): E_0 = S0, E_{c+1} = gamma_c * E_c + U_c
-    (gamma broadcast to (..., n, K | 1, 1 | V)). ``reverse``: the adjoints leaving each chunk,
-    E_{n-1} = S0 (0 for None), E_{c-1} = gamma_c * E_c + U_c. Each step writes its slot in
-    place (copying a separately made state in cost a fifth of the loop)."""
+def _entering(U: torch.Tensor, gamma: torch.Tensor, S0,
+              reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Across chunks: the states entering each chunk, E (..., n, K, V), with E_0 = S0 and
+    E_{c+1} = gamma_c * E_c + U_c (gamma broadcast to (..., n, K | 1, 1 | V)), and the state
+    leaving the last chunk. ``reverse``: the adjoints leaving each chunk, E_{n-1} = S0 (0 for
+    None) and E_{c-1} = gamma_c * E_c + U_c, and the adjoint entering the first. Each step
+    writes its slot in place (copying a separately made state in cost a fifth of the loop)."""
     n = U.shape[-3]
     E = torch.empty(U.shape, dtype=U.dtype, device=U.device)
-    first, steps = (n - 1, range(n - 1, 0, -1)) if reverse else (0, range(n - 1))
+    first, last, steps = ((n - 1, 0, range(n - 1, 0, -1)) if reverse
+                          else (0, n - 1, range(n - 1)))
     if S0 is None:
         E[..., first, :, :] = 0
     else:
@@ -200,7 +203,8 @@ def _entering(U: torch.Tensor, gamma: torch.Tensor, S0, reverse: bool = False) -
     for c in steps:
         torch.addcmul(U[..., c, :, :], gamma[..., c, :, :], E[..., c, :, :],
                       out=E[..., c - 1 if reverse else c + 1, :, :])
-    return E
+    out = torch.addcmul(U[..., last, :, :], gamma[..., last, :, :], E[..., last, :, :])
+    return E, out
 
 
 def _bmm_add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -237,8 +241,7 @@ class _ScalarChunked(torch.autograd.Function):
         P = QK * D
         O = _bmm(P, v)                                                 # (.., n, C, V)
         U = _bmm((k * w[..., None]).transpose(-1, -2), v)              # (.., n, K, V)
-        E = _entering(U, gamma[..., None, None], S0)                   # entering states
-        S = torch.addcmul(U[..., -1, :, :], gamma[..., -1, None, None], E[..., -1, :, :])
+        E, S = _entering(U, gamma[..., None, None], S0)                # entering states
         _bmm_add(O, q * e[..., None], E)
         ctx.save_for_backward(q, k, v, l, e, w, gamma, D, QK, P, E)
         return O, S
@@ -267,8 +270,7 @@ class _ScalarChunked(torch.autograd.Function):
         else:
             dq.add_(heads(dqe * e[..., None]))
         # across chunks, backwards: S_out = gamma S_in + U
-        dU = _entering(dE, gamma[..., None, None], dS, reverse=True)   # dL/dS_out
-        gS = torch.addcmul(dE[..., 0, :, :], gamma[..., 0, None, None], dU[..., 0, :, :])
+        dU, gS = _entering(dE, gamma[..., None, None], dS, reverse=True)  # dL/dS_out
         dgamma = (dU * E).sum((-1, -2))
         # U = (w k)^T v
         kw = k * w[..., None]
@@ -375,8 +377,7 @@ class _VectorChunked(torch.autograd.Function):
             saved += [eI, wJ, P]
             b //= 2
         U = _bmm((k * w).transpose(-1, -2), v)                              # (.., n, K, V)
-        E = _entering(U, gamma[..., None], S0)                              # (.., n, K, V)
-        S = torch.addcmul(U[..., -1, :, :], gamma[..., -1, :, None], E[..., -1, :, :])
+        E, S = _entering(U, gamma[..., None], S0)                           # (.., n, K, V)
         _bmm_add(O, q * e, E)
         ctx.save_for_backward(q, k, v, e, w, gamma, E, *saved)
         return O, S
@@ -394,8 +395,7 @@ class _VectorChunked(torch.autograd.Function):
         dq = dqe * e
         dl = _rcumsum(dqe * qe)                                              # e's sums
         # across chunks, backwards: S_out = gamma S_in + U
-        dU = _entering(dE, gamma[..., None], dS, reverse=True)               # dL/dS_out
-        gS = torch.addcmul(dE[..., 0, :, :], gamma[..., 0, :, None], dU[..., 0, :, :])
+        dU, gS = _entering(dE, gamma[..., None], dS, reverse=True)           # dL/dS_out
         dgamma = (dU * E).sum(-1)
         # U = (w k)^T v
         kw = k * w
@@ -455,8 +455,7 @@ class _NarrowChunked(torch.autograd.Function):
         P.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))                 # pairs j = i
         O = _bmm(P, v)
         U = _bmm((k * w).transpose(-1, -2), v)                              # (.., n, K, V)
-        E = _entering(U, gamma[..., None], S0)
-        S = torch.addcmul(U[..., -1, :, :], gamma[..., -1, :, None], E[..., -1, :, :])
+        E, S = _entering(U, gamma[..., None], S0)
         _bmm_add(O, qt, E)
         ctx.save_for_backward(q, k, v, e, einv, w, gamma, qt, kt, P, E)
         return O, S
@@ -474,8 +473,7 @@ class _NarrowChunked(torch.autograd.Function):
         _bmm_add(dqt, dO, E.transpose(-1, -2))
         dkt = _bmm(dP.transpose(-1, -2), qt)
         dE = _bmm(qt.transpose(-1, -2), dO)                                  # (.., n, K, V)
-        dU = _entering(dE, gamma[..., None], dS, reverse=True)               # dL/dS_out
-        gS = torch.addcmul(dE[..., 0, :, :], gamma[..., 0, :, None], dU[..., 0, :, :])
+        dU, gS = _entering(dE, gamma[..., None], dS, reverse=True)           # dL/dS_out
         dgamma = (dU * E).sum(-1)
         kw = k * w
         dkw = _bmm(v, dU.transpose(-1, -2))                                  # (.., n, C, K)
