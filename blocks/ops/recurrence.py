@@ -48,6 +48,10 @@ and the state carried across chunks is cheap. Measured here (T=2048, 8 heads, K 
 forward + backward, interleaved): C = 8 took 0.078 s, 16 and 32 0.063 s, 64 0.065 s."""
 
 
+LOG2E = 1.4426950408889634
+"""log2(e): exponentials are taken as exp2(x log2 e), which torch computes about 3x faster
+than exp here (0.15 against 0.44 ms per 2^20 numbers), at the cost of one rounding of x."""
+
 NARROW_SPAN = 40.0
 """Largest decay inside one chunk, -sum of its log gates (per head, or per key dim), for which
 a call takes the one-matmul form (:class:`_NarrowChunked`): there each pair's decay
@@ -441,15 +445,19 @@ class _NarrowChunked(torch.autograd.Function):
     gradients before it, up to rounding of the pair's size: the pairs j = i (exponent 0, size
     q . k) therefore stay out of the factors, else that rounding would drown the true, tiny
     gradients of strongly decaying gates (measured: 1e-3 relative error in float32 at log g = -10
-    per token with the diagonal inside). The prefix sums are a chunk's own.
+    per token with the diagonal inside). The prefix sums are a chunk's own; w_j is taken as
+    exp(b_C - b_j) rather than from a suffix sum of its own, and the exponentials as exp2
+    (see LOG2E). Measured here (T=2048, 8 heads, K = V = 64, vector gates, interleaved A/B):
+    those two and one prefix sum instead of three in the backward took 0.038 -> 0.034 s.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, l, S0):
-        b = l.cumsum(-2)
-        e, einv = b.exp(), b.neg().exp()
-        w = suffix_sum(l).exp()
-        gamma = l.sum(-2).exp()                                             # (.., n, K)
+        b = (l * LOG2E).cumsum_(-2)                        # prefix sums in log2 units
+        e = b.exp2()
+        w = (b[..., -1:, :] - b).exp2_()                   # exp(sum_{s>j} l_s)
+        einv = b.neg_().exp2_()
+        gamma = e[..., -1, :]                                               # (.., n, K)
         qt, kt = q * e, k * einv
         P = _bmm(qt, kt.transpose(-1, -2)).tril_(-1)                        # (.., n, C, C)
         P.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))                 # pairs j = i
@@ -457,13 +465,14 @@ class _NarrowChunked(torch.autograd.Function):
         U = _bmm((k * w).transpose(-1, -2), v)                              # (.., n, K, V)
         E, S = _entering(U, gamma[..., None], S0)
         _bmm_add(O, qt, E)
-        ctx.save_for_backward(q, k, v, e, einv, w, gamma, qt, kt, P, E)
+        ctx.save_for_backward(q, k, v, e, einv, w, qt, kt, P, E)
         return O, S
 
     @staticmethod
     @no_autocast
     def backward(ctx, dO, dS):
-        q, k, v, e, einv, w, gamma, qt, kt, P, E = ctx.saved_tensors
+        q, k, v, e, einv, w, qt, kt, P, E = ctx.saved_tensors
+        gamma = e[..., -1, :]
         dO = dO.contiguous()
         dP = _bmm(dO, v.transpose(-1, -2)).tril_()
         d_diag = dP.diagonal(dim1=-2, dim2=-1)[..., None].clone()          # pairs j = i
@@ -483,9 +492,13 @@ class _NarrowChunked(torch.autograd.Function):
         db = (dqt * qt - dkt * kt).sum_to_size(lsh)
         dq = torch.addcmul(dqt * e, d_diag, k).sum_to_size(q.shape)
         dk = torch.addcmul(dkt * einv, dkw, w).addcmul_(d_diag, q).sum_to_size(k.shape)
-        dl = _rcumsum(db)                                                    # b's sums
-        dl += _excl_cumsum((dkw * kw).sum_to_size(lsh))                      # w's sums
-        dl += (dgamma * gamma).sum_to_size(lsh[:-2] + lsh[-1:])[..., None, :]  # gamma's
+        # l_s collects the db_i at and after it, w's parts before it, and gamma's part:
+        # sum_{i>=s} db_i + sum_{j<s} y_j = (sum_i db_i + gamma's) + sum_{j<s} (y_j - db_j),
+        # one prefix sum (y_j = dkw_j kw_j)
+        y = (dkw * kw).sum_to_size(lsh).sub_(db)
+        whole = db.sum(-2, keepdim=True).add_((dgamma * gamma).sum_to_size(
+            lsh[:-2] + lsh[-1:])[..., None, :])
+        dl = _excl_cumsum(y).add_(whole)
         return dq, dk, dv, dl, gS
 
 
