@@ -129,6 +129,49 @@ def test_chunked_gradients_match_reference(mode, T, gate, dtype):
         assert rel_err(g_chk, g_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("T,chunk", [(1, 16), (16, 16), (45, 16), (64, 8)])
+@pytest.mark.parametrize("mode,gate", [p for p in _chunk_params() if p[0] in ("delta", "gated")])
+@pytest.mark.parametrize("state", [True, False])
+def test_plain_form_gradients(monkeypatch, state, mode, gate, T, chunk, dtype):
+    """The plain delta rule with one decay per head or none runs the hand-written form
+    (checked to be the one that runs): every gradient equals the reference's, with and
+    without an initial state, only the outputs in the loss (no final-state cotangent), and
+    T below, at and past whole chunks."""
+    import blocks.ops.delta as d
+    calls = []
+    monkeypatch.setattr(d._PlainDelta, "apply",
+                        lambda *x, _f=d._PlainDelta.apply: calls.append(1) or _f(*x))
+    args = inputs(mode, 2, T, 3, 8, 5, dtype, gate, state)[:6]
+    w_o = torch.randn(2, T, 3, 5, generator=torch.Generator().manual_seed(T), dtype=dtype)
+    grads = []
+    for fn in (delta_reference, lambda *x: delta_chunked(*x, chunk_size=chunk)):
+        leaves = [x.clone().requires_grad_(True) if x is not None else None for x in args]
+        o, _ = fn(*leaves)
+        (o * w_o).sum().backward()
+        grads.append([x.grad for x in leaves if x is not None])
+    for g_ref, g_chk in zip(*grads):
+        assert torch.isfinite(g_chk).all() and rel_err(g_chk, g_ref) < TOL[dtype]
+    assert calls
+
+
+def test_plain_form_only_for_scalar_decay(monkeypatch):
+    """Per-channel decays and the generalised rule (a, b vectors) keep the general path."""
+    import blocks.ops.delta as d
+    calls = []
+    monkeypatch.setattr(d._PlainDelta, "apply",
+                        lambda *x, _f=d._PlainDelta.apply: calls.append(1) or _f(*x))
+    for mode in ("vector", "rwkv", "dplr_scalar"):
+        q, k, v, b, lw, s0, a = inputs(mode, 1, 20, 2, 4, 3, torch.float64)
+        o1, _ = delta_chunked(q, k, v, b, lw, s0, a=a, chunk_size=8)
+        o2, _ = delta_reference(q, k, v, b, lw, s0, a=a)
+        assert rel_err(o1, o2) < 1e-10
+    assert not calls
+    q, k, v, b, lw, s0, a = inputs("gated", 1, 20, 2, 4, 3, torch.float64)
+    delta_chunked(q, k, v, b, lw.detach(), s0, chunk_size=8)
+    assert calls
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_state_splits_sequence(mode):
     q, k, v, b, lw, s0, a = inputs(mode, 2, 50, 2, 4, 4, torch.float64)

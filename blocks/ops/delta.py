@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blocks.ops.recurrence import LOG2E, _bmm, _bmm_add, _excl_cumsum, _rcumsum
 from composer.block import accum_dtype, no_autocast
 from composer.registry import register_backend, register_op
 
@@ -188,7 +189,10 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     M = diag(exp(Lam_C)) + (b E)^T W and N = (b E)^T U + (k E)^T v. Only S <- M S + N runs
     sequentially; the outputs are one batched matmul with the stacked entering states.
     With a = k and b = beta k (beta one number per token) both writes share the key k, with
-    value z = beta u + v, so only A_kk and A_qk are needed.
+    value z = beta u + v, so only A_kk and A_qk are needed; with one decay per head (or none)
+    that case runs :class:`_PlainDelta`, the same products with a hand-written backward
+    (DeltaNet, Gated DeltaNet: measured here, T=2048, 4 heads, K = V = 64, forward +
+    backward, 0.040 -> 0.035 s in an interleaved A/B).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -215,6 +219,12 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     Lam_prev = F.pad(Lam, (0, 0, 1, 0))[..., :C, :]                      # Lam_{i-1}, exact
     # decay from each token to the chunk's end, summed directly (no Lam_C - Lam_j cancellation)
     E = F.pad(lw.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1)).exp()
+    if a is None and b.dim() == 3 and (log_w is None or log_w.dim() == 3):
+        S_in = (torch.zeros(B, H, K, V, dtype=acc, device=q.device) if state is None
+                else state.to(acc))
+        o, S = _PlainDelta.apply(qc, kc, vc, bc, None if log_w is None else lw, S_in)
+        o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
+        return o.to(q.dtype), S.to(q.dtype)
     if a is None and b.dim() == 3:               # plain delta rule: one write key, k
         A = _pairs(torch.stack([kc, qc], -3), kc[..., None, :, :],
                    torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,1,C,C)
@@ -252,3 +262,144 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     o = q_read @ S0 + o_local                                            # (B, H, n, C, V)
     o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
     return o.to(q.dtype), S.view(B, H, K, V).to(q.dtype)
+
+
+class _PlainDelta(torch.autograd.Function):
+    """The plain delta rule (a = k, b_t = beta_t k_t) with one decay per head or none: the
+    chunked form of :func:`delta_chunked` with its backward written by hand.
+
+    q, k (B, H, n, C, K); v (B, H, n, C, V); b, lw (B, H, n, C, 1), lw None for no decay;
+    S_in (B, H, K, V). Per chunk, with Lam the prefix sums of lw, g = exp(Lam),
+    g' = exp(Lam_{i-1}), E_j = exp(sum_{s>j} lw_s) and the pair matrices
+    A_k[i, j] = k_i . k_j exp(Lam_{i-1} - Lam_j) (j < i) and A_q[i, j] = q_i . k_j
+    exp(Lam_i - Lam_j) (j <= i), the pairs j = i - 1 of A_k and j = i of A_q plain dot products:
+
+        [W | U] = (I - A_k diag(b))^{-1} [k * g' | A_k v]      [W_z | Z] = b * [W | U] + [0 | v]
+        q_read = q * g + A_q W_z     o = A_q Z + q_read S_in    S_out = M S_in + N
+        [M | N] = (k * E)^T [W_z | Z] + [diag(g_C) | 0]
+
+    The backward runs these products transposed, the triangular inverse's as two matmuls
+    (see :class:`_UnitLowerSolve`), and collects each log decay's gradient from the terms it
+    appears in: the pair decays (never through the plain-dot pairs, whose exponent is 0: their
+    rounding would drown the true, tiny gradients of decays near 0), g, g', g_C and E.
+    Against autograd over the same forward it skips the stacks, concatenations and masked
+    copies of the general path."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, b, lw, S_in):
+        B, H, n, C, K = q.shape
+        V = v.shape[-1]
+        idx = torch.arange(C, device=q.device)
+        strict_q = idx[None, :] < idx[:, None]                       # j < i
+        strict_k = idx[None, :] < idx[:, None] - 1                   # j < i - 1
+        if lw is None:
+            g = g_prev = E = None
+            Dq, Dk = strict_q.to(q.dtype), strict_k.to(q.dtype)
+        else:
+            Lam2 = lw.cumsum(-2) * LOG2E                             # (.., C, 1), log2 units
+            Lam2_prev = F.pad(Lam2, (0, 0, 1, 0))[..., :C, :]
+            g, g_prev = Lam2.exp2(), Lam2_prev.exp2()
+            # decay from each token to the chunk's end, summed directly (no cancellation)
+            E = F.pad(_rcumsum(lw)[..., 1:, :], (0, 0, 0, 1)).exp()
+            col = Lam2.transpose(-1, -2)
+            Dq = (Lam2 - col).masked_fill_(~strict_q, float("-inf")).exp2_()
+            Dk = (Lam2_prev - col).masked_fill_(~strict_k, float("-inf")).exp2_()
+        kk = _bmm(k, k.transpose(-1, -2))
+        qk = _bmm(q, k.transpose(-1, -2))
+        Ak = kk * Dk
+        Ak.diagonal(-1, -2, -1).copy_(kk.diagonal(-1, -2, -1))      # pairs j = i - 1
+        Aq = qk * Dq
+        Aq.diagonal(0, -2, -1).copy_(qk.diagonal(0, -2, -1))        # pairs j = i
+        eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(Ak.shape)
+        inv = torch.linalg.solve_triangular(-(Ak * b.transpose(-1, -2)), eye, upper=False,
+                                            unitriangular=True)
+        rhs = torch.cat([k if g_prev is None else k * g_prev, _bmm(Ak, v)], -1)
+        WU = _bmm(inv, rhs)                                          # (.., C, K + V)
+        WZ = b * WU
+        WZ[..., K:] += v
+        read = _bmm(Aq, WZ)
+        q_read = read[..., :K] + q if g is None else torch.addcmul(read[..., :K], q, g)
+        kE = k if E is None else k * E
+        MN = _bmm(kE.transpose(-1, -2), WZ)                          # (.., K, K + V)
+        M = MN[..., :K]
+        M.diagonal(0, -2, -1).add_(1.0 if g is None else g[..., -1, :])
+        # across chunks: S_{c+1} = M_c S_c + N_c, the entering states kept
+        Mc = M.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, K)
+        Nc = MN[..., K:].permute(2, 0, 1, 3, 4).reshape(n, B * H, K, V)
+        S0 = torch.empty(n, B * H, K, V, dtype=q.dtype, device=q.device)
+        S = S_in.reshape(B * H, K, V)
+        for c in range(n):
+            S0[c] = S
+            S = torch.baddbmm(Nc[c], Mc[c], S)
+        S0 = S0.view(n, B, H, K, V).permute(1, 2, 0, 3, 4).contiguous()
+        o = _bmm(q_read, S0).add_(read[..., K:])
+        ctx.save_for_backward(q, k, v, b, g, g_prev, E, Dq, Dk, kk, qk, Ak, Aq, inv, WU, WZ,
+                              q_read, kE, Mc, S0)
+        return o, S.view(B, H, K, V)
+
+    @staticmethod
+    @no_autocast
+    def backward(ctx, dO, dS_out):
+        (q, k, v, b, g, g_prev, E, Dq, Dk, kk, qk, Ak, Aq, inv, WU, WZ, q_read, kE, Mc,
+         S0) = ctx.saved_tensors
+        B, H, n, C, K = q.shape
+        decay = g is not None
+        dO = dO.contiguous()
+        dq_read = _bmm(dO, S0.transpose(-1, -2))                     # (.., C, K)
+        dS0 = _bmm(q_read.transpose(-1, -2), dO)                     # (.., K, V)
+        # across chunks, backwards: dN_c is the adjoint of the state leaving chunk c
+        dS0c = dS0.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, -1)
+        dNc = torch.empty_like(dS0c)
+        lam = (torch.zeros_like(dS0c[0]) if dS_out is None
+               else dS_out.reshape(B * H, K, -1).to(dS0c.dtype))
+        for c in range(n - 1, -1, -1):
+            dNc[c] = lam
+            lam = torch.baddbmm(dS0c[c], Mc[c].transpose(-1, -2), lam)
+        dN = dNc.view(n, B, H, K, -1).permute(1, 2, 0, 3, 4)
+        dMN = torch.cat([_bmm(dN, S0.transpose(-1, -2)), dN], -1)   # [dM | dN] (.., K, K + V)
+        dkE = _bmm(WZ, dMN.transpose(-1, -2))                        # (.., C, K)
+        dWZ = _bmm(kE, dMN)                                          # (.., C, K + V)
+        dread = torch.cat([dq_read, dO], -1)
+        dAq = _bmm(dread, WZ.transpose(-1, -2))                      # (.., C, C)
+        _bmm_add(dWZ, Aq.transpose(-1, -2), dread)
+        dv = dWZ[..., K:].clone()
+        db = (dWZ * WU).sum(-1, keepdim=True)
+        drhs = _bmm(inv.transpose(-1, -2), dWZ.mul_(b))              # dWU, then d rhs
+        dNb = _bmm(drhs, WU.transpose(-1, -2)).tril_(-1)             # of A_k diag(b)
+        dW, dU = drhs[..., :K], drhs[..., K:]
+        dAk = _bmm(dU, v.transpose(-1, -2))
+        _bmm_add(dv, Ak.transpose(-1, -2), dU)
+        db += (dNb * Ak).sum(-2).unsqueeze(-1)
+        dAk.addcmul_(dNb, b.transpose(-1, -2))
+        dkk = dAk * Dk
+        dkk.diagonal(-1, -2, -1).copy_(dAk.diagonal(-1, -2, -1))
+        dqk = dAq * Dq
+        dqk.diagonal(0, -2, -1).copy_(dAq.diagonal(0, -2, -1))
+        dq = dq_read if not decay else dq_read * g
+        dk = dW if not decay else dW * g_prev
+        dlw = None
+        if decay and ctx.needs_input_grad[4]:
+            # the pair decays, off the plain-dot pairs: exp(L_i - Lam_j) gives +Z to row i's
+            # L and -Z to Lam_j, Z = dA * A on the decayed pairs
+            Zk = dkk * kk
+            Zk.diagonal(-1, -2, -1).zero_()
+            Zq = dqk * qk
+            Zq.diagonal(0, -2, -1).zero_()
+            dLam = (dq_read * q).sum(-1, keepdim=True).mul_(g)       # g = exp(Lam)
+            dLam += Zq.sum(-1, keepdim=True)
+            dLam -= (Zk.sum(-2) + Zq.sum(-2)).unsqueeze(-1)
+            dLam_prev = (dW * k).sum(-1, keepdim=True).mul_(g_prev)  # g' = exp(Lam_{i-1})
+            dLam_prev += Zk.sum(-1, keepdim=True)
+            dLam[..., :-1, :] += dLam_prev[..., 1:, :]
+            dM = dMN[..., :K]
+            dLam[..., -1, :] += dM.diagonal(0, -2, -1).sum(-1, keepdim=True) * g[..., -1, :]
+            dE = (dkE * k).sum(-1, keepdim=True).mul_(E)            # E_j = exp(sum_{s>j})
+            dlw = _rcumsum(dLam).add_(_excl_cumsum(dE))
+        _bmm_add(dk, dkk + dkk.transpose(-1, -2), k)                 # kk = k k^T
+        _bmm_add(dk, dqk.transpose(-1, -2), q)                       # qk = q k^T
+        _bmm_add(dq, dqk, k)
+        if decay:
+            dk.addcmul_(dkE, E)
+        else:
+            dk += dkE
+        return dq, dk, dv, db, dlw, lam.view(B, H, K, -1)
