@@ -326,6 +326,53 @@ def test_k_equals_one(form):
     assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T,chunk", [(1, 32), (32, 32), (45, 16), (200, 32)])
+@pytest.mark.parametrize("gate", ["normal", "near1", "span"])
+@pytest.mark.parametrize("form", ["scalar", "vector", "factored", "none"])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_k_equals_one_prefix_sum_form(monkeypatch, dtype, T, chunk, gate, form, with_state):
+    """K = 1 with every chunk decaying at most NARROW_SPAN takes the prefix-sum form (checked
+    to be the one that runs): outputs, state and every gradient equal the reference, q and k
+    shared by groups of 3 heads. ``span``: each chunk decays by 98-100% of the limit."""
+    import blocks.ops.scan as scan_mod
+    from blocks.ops import recurrence as rec
+    calls = []
+    monkeypatch.setattr(scan_mod._NarrowK1, "apply",
+                        lambda *a, _f=scan_mod._NarrowK1.apply: calls.append(1) or _f(*a))
+    q, k, v, lg, s0, A = scan_inputs(2, T, 2, 3, 1, dtype, "normal" if gate == "span" else gate,
+                                     with_state, form)
+    if gate == "span" and form != "none":
+        C = min(chunk, T)
+        per = -0.999 * rec.NARROW_SPAN / C * (1 - 0.02 * torch.rand(lg.shape, dtype=dtype))
+        lg, A = (-per, -torch.ones_like(A)) if form == "factored" else (per, None)
+    args = (q, k, v, lg, s0, A)
+    o1, S1 = _call(recurrence_reference)(*args)
+    o2, S2 = _call(recurrence_scan, chunk_size=chunk)(*args)
+    assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
+    ref = _grads(_call(recurrence_reference), args, T)
+    got = _grads(_call(recurrence_scan, chunk_size=chunk), args, T)
+    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
+        if g_ref is not None:
+            assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
+    assert calls
+
+
+def test_k_equals_one_strong_decay_takes_the_steps(monkeypatch):
+    """A chunk decaying past NARROW_SPAN sends the call to the stepwise scan, which still
+    equals the reference; the choice is per call."""
+    import blocks.ops.scan as scan_mod
+    calls = []
+    monkeypatch.setattr(scan_mod._NarrowK1, "apply",
+                        lambda *a, _f=scan_mod._NarrowK1.apply: calls.append(1) or _f(*a))
+    args = scan_inputs(2, 40, 1, 4, 1, torch.float64, "near0", True, "scalar")
+    _matches_reference(_call(recurrence_scan, chunk_size=16), args, 3)
+    assert not calls
+    args = scan_inputs(2, 40, 1, 4, 1, torch.float64, "normal", True, "scalar")
+    _matches_reference(_call(recurrence_scan, chunk_size=16), args, 3)
+    assert calls
+
+
 @pytest.mark.parametrize("form", ["factored", "vector"])
 def test_scan_in_segments(monkeypatch, form):
     """Long inputs run as segments of whole chunks, the state carried between them: with a
