@@ -6,7 +6,7 @@
 Each (backend, T) runs in a fresh process (so that its peak resident memory is its own): the
 model of ``tools/bench.py``'s ``mamba`` case (d_model 256, 4 Mamba-1 layers, d_inner 512,
 d_state 16, batch 1, fp32), one warm-up training step and then the median of three. ``scan``
-keeps each layer's gates and states for the backward; ``scan_recompute`` makes them again there.
+keeps each layer's states for the backward; ``scan_recompute`` makes them again there.
 """
 from __future__ import annotations
 

@@ -14,19 +14,23 @@ the sequence is cut into n chunks of L steps and every Python-level step works o
 at once, so a pass costs L + n small steps instead of T, and each step's tensors stay in cache.
 
 Forward, in three stages (a "step" below is one position l in every chunk at once):
-1. L steps: the gates a_t, made and kept, and each chunk's own final state from zero (the
-   product of a chunk's gates is the exp of its summed log gates, taken once);
+1. L steps: each chunk's own final state from zero (the product of a chunk's gates is the exp
+   of its summed log gates, taken once);
 2. n steps: the state entering each chunk, carried across chunks;
 3. L steps: the states again from the entering ones, kept for the backward, and o_t.
 No gate products are ever inverted (no exp of a positive number, no division), so decays down
-to exactly 0 are fine. The gates are exponentiated once, in the forward, and kept.
+to exactly 0 are fine. Each step makes its gates a_t from the log gates into one step-sized
+buffer whenever a stage needs them, rather than keeping all of them: a kept (T, H, K) tensor
+is written once and read three times from memory, which cost as much here as making a step's
+gates again while its log gates are in cache (Mamba-1, T=2048: 0.0725 s either way, interleaved
+A/B), and not keeping it halves what a call holds for its backward.
 
 Backward (hand-written, :class:`_DiagonalScan`): the adjoint g_t = dL/dh_t runs the same
 recurrence backwards in time, g_t = dy_t q_t + a_{t+1} g_{t+1} (+ dL/dh_T at the end), with the
 same three stages; each step of the last stage then gives dL/dv_t = g_t . k_t,
 dL/dk_t = sum_heads g_t v_t, dL/dq_t = sum_heads dy_t h_t and dL/d(log a_t) = g_t a_t h_{t-1}
-while its tensors are in cache. Autograd therefore keeps one (T, H, K) tensor of states and
-one of gates per call, and no per-step graph.
+while its tensors are in cache. Autograd therefore keeps one (T, H, K) tensor of states per
+call (besides its inputs) and no per-step graph.
 
 With one key dim (K = 1, RG-LRU) and every chunk decaying at most NARROW_SPAN, a call takes
 whole-tensor prefix sums per chunk instead (:class:`_NarrowK1`): there each step's tensors
@@ -67,9 +71,9 @@ def recurrence_scan(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=Non
 @no_autocast
 def recurrence_scan_recompute(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """``scan`` keeping only its inputs for the backward: each segment's gates and states are
-    made again there, one segment at a time (one more forward's work). ``scan`` keeps them
-    all, 2 x T x H x K numbers per call: at T=16384, d_inner 512 and d_state 16, 1 GiB per
-    Mamba-1 layer until the backward. Chosen by name (``kernels.gated_linear_recurrence=
+    made again there, one segment at a time (one more forward's work). ``scan`` keeps all
+    its states, T x H x K numbers per call: at T=16384, d_inner 512 and d_state 16, 512 MiB
+    per Mamba-1 layer until the backward. Chosen by name (``kernels.gated_linear_recurrence=
     scan_recompute``); ``auto`` prefers the faster ``scan``."""
     return _scan(q, k, v, log_g, state, chunk_size, A, recompute=True)
 
@@ -197,6 +201,19 @@ def _steps(t: torch.Tensor, L: int) -> torch.Tensor:
     return t.view(B, n, L, *t.shape[2:]).movedim(2, 0).contiguous()
 
 
+def _gates(lgs: torch.Tensor, At2, dtype):
+    """gate(l): the gates a_l = exp2(log2 e * log gate) of step l, written into one buffer
+    of a step's size (each call overwrites the last one's)."""
+    factored = At2 is not None
+    buf = torch.empty(lgs.shape[1:-2] + (At2.shape[-2:] if factored else lgs.shape[-2:]),
+                      dtype=dtype, device=lgs.device)
+    lg_ = lgs.unbind(0)
+
+    def gate(l: int) -> torch.Tensor:
+        return torch.mul(lg_[l], At2 if factored else LOG2E, out=buf).exp2_()
+    return gate
+
+
 def _unsteps(t: torch.Tensor, T: int) -> torch.Tensor:
     """Step-major (L, B, n, *rest) -> (B, T, *rest)."""
     L, B, n = t.shape[:3]
@@ -230,22 +247,24 @@ class _DiagonalScan(torch.autograd.Function):
             lgs = _steps(log_g, L).view(L, B, n, Hk, 1, R)
         total = lgs.sum(0)                                               # gates of a chunk
         total = (total * At if factored else total).exp_()
-        # the gates, made step by step in pass 1 below while their slice is in cache (one
+        # the gates, made step by step (_gates) while their slice is in cache (one
         # whole-tensor product and exp cost twice as much here: the tensor is memory-bound),
         # as exp2(x log2 e): torch's exp2 runs 3x faster than its exp here (47 against 147 us
         # per 2^18 numbers), and the extra rounding of x log2 e is that of forming x itself
         At2 = At * LOG2E if factored else None
-        a = torch.empty(lgs.shape[:-2] + At.shape[-2:] if factored else lgs.shape,
-                        dtype=q.dtype, device=q.device)
         h0 = h0.view(B, Hk, R, K).transpose(-1, -2)                      # (B, Hk, K, R)
         shape = (B, n, Hk, K, R)
 
+        # the steps' slices, made once (indexing in the loops cost some 3 us each), and flat
+        # (N, ., .) views for the products, which torch.bmm takes without torch.matmul's
+        # reshapes
+        N = B * n * Hk
+        k_, v_ = ks.unbind(0), vs.unbind(0)
+        gate = _gates(lgs, At2, q.dtype)
         # 1. each chunk's own final state, from zero
-        own = torch.mul(ks[0], vs[0])
-        for l in range(L):
-            torch.mul(lgs[l], At2 if factored else LOG2E, out=a[l]).exp2_()
-            if l:
-                own.mul_(a[l]).addcmul_(ks[l], vs[l])
+        own = torch.mul(k_[0], v_[0])
+        for l in range(1, L):
+            own.mul_(gate(l)).addcmul_(k_[l], v_[l])
         # 2. the state entering each chunk
         entering = torch.empty(shape, dtype=q.dtype, device=q.device)
         h = h0
@@ -254,67 +273,82 @@ class _DiagonalScan(torch.autograd.Function):
             h = torch.addcmul(own[:, c], total[:, c], h)
         # 3. all states, kept, and the outputs
         Hs = torch.empty((L,) + shape, dtype=q.dtype, device=q.device)
-        ys = torch.empty((L, B, n, Hk, 1, R), dtype=q.dtype, device=q.device)
+        ys = torch.empty((L, N, 1, R), dtype=q.dtype, device=q.device)
+        q_, H_, y_ = qs.view(L, N, 1, K).unbind(0), Hs.unbind(0), ys.unbind(0)
         cur = entering
         for l in range(L):
-            cur = torch.mul(a[l], cur, out=Hs[l]).addcmul_(ks[l], vs[l])
-            torch.matmul(qs[l].transpose(-1, -2), cur, out=ys[l])
-        ctx.save_for_backward(qs, ks, vs, lgs, a, Hs, entering, *maybe_A)
+            cur = torch.mul(gate(l), cur, out=H_[l]).addcmul_(k_[l], v_[l])
+            torch.bmm(q_[l], cur.view(N, K, R), out=y_[l])
+        ys = ys.view(L, B, n, Hk, 1, R)
+        ctx.save_for_backward(qs, ks, vs, lgs, Hs, entering, *maybe_A)
         ctx.L, ctx.T, ctx.factored, ctx.vector = L, T, factored, log_g.dim() == 4
         return _unsteps(ys, T).reshape(B, T, H), h.transpose(-1, -2).reshape(B, H, K)
 
     @staticmethod
     @no_autocast
     def backward(ctx, dy, dh):
-        qs, ks, vs, lgs, a, Hs, entering, *maybe_A = ctx.saved_tensors
+        qs, ks, vs, lgs, Hs, entering, *maybe_A = ctx.saved_tensors
         L, T, factored = ctx.L, ctx.T, ctx.factored
         _, B, n, Hk, K, R = Hs.shape
         H = Hk * R
         vector = ctx.vector
         shape = (B, n, Hk, K, R)
-        new = dict(dtype=a.dtype, device=a.device)
+        new = dict(dtype=Hs.dtype, device=Hs.device)
         dys = _steps(dy, L).view(L, B, n, Hk, 1, R)
         dh = (torch.zeros(B, Hk, K, R, **new) if dh is None
               else dh.view(B, Hk, R, K).transpose(-1, -2))
         At = maybe_A[0].view(Hk, R, K).transpose(-1, -2).contiguous() if factored else None
+        gate = _gates(lgs, At * LOG2E if factored else None, Hs.dtype)
 
         # 1. each chunk's own adjoint at its first step (from zero after its last), and the
         #    product of the gates after its first step, a_1 ... a_{L-1}
         own = torch.mul(qs[L - 1], dys[L - 1])
         for l in range(L - 2, -1, -1):
-            own.mul_(a[l + 1]).addcmul_(qs[l], dys[l])
+            own.mul_(gate(l + 1)).addcmul_(qs[l], dys[l])
         after_first = lgs[1:].sum(0)
         after_first = (after_first * At if factored else after_first).exp_()
         # 2. the adjoint arriving at each chunk's last step from the later chunks
         arriving = torch.empty(shape, **new)
+        a0 = gate(0).clone()
         lam = dh
         for c in range(n - 1, -1, -1):
             arriving[:, c] = lam
-            lam = a[0, :, c] * torch.addcmul(own[:, c], after_first[:, c], lam)
-        # 3. the adjoint at every step, and the gradients
-        dq = torch.empty((L, B, n, Hk, K, 1), **new)
+            lam = a0[:, c] * torch.addcmul(own[:, c], after_first[:, c], lam)
+        # 3. the adjoint at every step, and the gradients. The products over heads run as
+        # (1, R) @ (R, K) on transposed views: torch.bmm took 5x longer for the same numbers
+        # as (K, R) @ (R, 1) here (107 against 19 us per step)
+        N = B * n * Hk
+        dq = torch.empty((L, N, 1, K), **new)
         dk = torch.empty_like(dq)
-        dv = torch.empty_like(vs)
-        dlog = torch.empty(a.shape if vector else vs.shape, **new)
+        dv = torch.empty((L, N, 1, R), **new)
+        dlog = torch.empty(Hs.shape if vector else vs.shape, **new)
         if factored:
             dA = torch.zeros(shape, **new)                               # summed over (B, n)
             zA = torch.empty(shape, **new)
         g = torch.empty(shape, **new)
         z = torch.empty(shape, **new)
+        gT = g.view(N, K, R).transpose(1, 2)
+        q_, H_, lg_, dl_ = qs.unbind(0), Hs.unbind(0), lgs.unbind(0), dlog.unbind(0)
+        kT_, v_, dy_ = ks.view(L, N, 1, K).unbind(0), vs.view(L, N, 1, R).unbind(0), dys.unbind(0)
+        dyT_ = dys.reshape(L, N, 1, R).unbind(0)
+        dq_, dk_, dv_ = dq.unbind(0), dk.unbind(0), dv.unbind(0)
         carry = arriving
         for l in range(L - 1, -1, -1):
-            torch.addcmul(carry, qs[l], dys[l], out=g)                    # dL/dh_t
-            torch.matmul(ks[l].transpose(-1, -2), g, out=dv[l])
-            torch.matmul(g, vs[l].transpose(-1, -2), out=dk[l])
-            torch.matmul(Hs[l], dys[l].transpose(-1, -2), out=dq[l])
-            carry = a[l] * g                                              # a_t g_t
-            zl = dlog[l] if vector else z
-            torch.mul(carry, Hs[l - 1] if l else entering, out=zl)        # dL/d(log a_t)
+            torch.addcmul(carry, q_[l], dy_[l], out=g)                    # dL/dh_t
+            torch.bmm(kT_[l], g.view(N, K, R), out=dv_[l])
+            torch.bmm(v_[l], gT, out=dk_[l])
+            torch.bmm(dyT_[l], H_[l].view(N, K, R).transpose(1, 2), out=dq_[l])
+            al = gate(l)                                                  # a_t g_t
+            carry = al.mul_(g) if al.shape == g.shape else al * g
+            zl = dl_[l] if vector else z
+            torch.mul(carry, H_[l - 1] if l else entering, out=zl)        # dL/d(log a_t)
             if factored:                                                  # log a_t = dt_t A
-                torch.sum(torch.mul(zl, At, out=zA), -2, keepdim=True, out=dlog[l])
-                dA.addcmul_(zl, lgs[l])
+                torch.sum(torch.mul(zl, At, out=zA), -2, keepdim=True, out=dl_[l])
+                dA.addcmul_(zl, lg_[l])
             elif not vector:
-                torch.sum(zl, -2, keepdim=True, out=dlog[l])
+                torch.sum(zl, -2, keepdim=True, out=dl_[l])
+        dq, dk = dq.view(L, B, n, Hk, K, 1), dk.view(L, B, n, Hk, K, 1)
+        dv = dv.view(vs.shape)
         grads = [carry[:, 0].transpose(-1, -2).reshape(B, H, K), None, None,
                  _unsteps(dq, T).reshape(B, T, Hk, K), _unsteps(dk, T).reshape(B, T, Hk, K),
                  _unsteps(dv, T).reshape(B, T, H)]
