@@ -207,10 +207,11 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     # nothing
     def prep(x):
         x = x.to(acc).transpose(1, 2)
-        x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))[..., None]
-        # contiguous once here: with pad = 0 this is still the transposed view, which every
-        # matmul below would copy again
-        return x.contiguous().reshape(B, H, n, C, x.shape[-1])
+        x = x if x.dim() == 4 else x[..., None]
+        # contiguous, in one copy: F.pad with pad = 0 copies into the transposed strides (a
+        # copy every matmul below would repeat), so it runs only where there is padding
+        x = (F.pad(x, (0, 0, 0, pad)) if pad else x).contiguous()
+        return x.reshape(B, H, n, C, x.shape[-1])
 
     qc, kc, vc, bc = prep(q), prep(k), prep(v), prep(b)
     lw = (prep(log_w) if log_w is not None

