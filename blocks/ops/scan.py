@@ -123,7 +123,7 @@ def _narrow_k1(q, k, v, lg, h0, L: int, acc):
     n = -(-T // L)
 
     def chunks(t):          # (B, T, H) -> (B, n, H, L), zero-padded: sums run along dim -1
-        t = F.pad(t, (0, 0, 0, n * L - T)).view(B, n, L, H)
+        t = (F.pad(t, (0, 0, 0, n * L - T)) if n * L != T else t).view(B, n, L, H)
         return t.transpose(-1, -2).contiguous()
 
     x = (v[..., 0].to(acc).view(B, T, Hk, -1) * k.to(acc)).reshape(B, T, H)   # k_t v_t
