@@ -201,14 +201,16 @@ def _entering(U: torch.Tensor, gamma: torch.Tensor, S0,
     E = torch.empty(U.shape, dtype=U.dtype, device=U.device)
     first, last, steps = ((n - 1, 0, range(n - 1, 0, -1)) if reverse
                           else (0, n - 1, range(n - 1)))
+    # the chunks' slices, made once (unbind: one call for all n views)
+    U_, g_, E_ = U.unbind(-3), gamma.unbind(-3), E.unbind(-3)
     if S0 is None:
-        E[..., first, :, :] = 0
+        E_[first].zero_()
     else:
-        E[..., first, :, :] = S0
+        E_[first].copy_(S0)
+    step = -1 if reverse else 1
     for c in steps:
-        torch.addcmul(U[..., c, :, :], gamma[..., c, :, :], E[..., c, :, :],
-                      out=E[..., c - 1 if reverse else c + 1, :, :])
-    out = torch.addcmul(U[..., last, :, :], gamma[..., last, :, :], E[..., last, :, :])
+        torch.addcmul(U_[c], g_[c], E_[c], out=E_[c + step])
+    out = torch.addcmul(U_[last], g_[last], E_[last])
     return E, out
 
 
