@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from blocks.ops.recurrence import LOG2E, _bmm, _bmm_add, _excl_cumsum, _rcumsum
+from blocks.ops.recurrence import (LOG2E, _bmm, _bmm_add, _excl_cumsum, _heads_first,
+                                   _rcumsum)
 from composer.block import accum_dtype, no_autocast
 from composer.registry import register_backend, register_op
 
@@ -206,11 +207,7 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     # (B, H, n, C, .) layout; padded tokens have k = v = a = b = 0 and log w = 0: they change
     # nothing
     def prep(x):
-        x = x.to(acc).transpose(1, 2)
-        x = x if x.dim() == 4 else x[..., None]
-        # contiguous, in one copy: F.pad with pad = 0 copies into the transposed strides (a
-        # copy every matmul below would repeat), so it runs only where there is padding
-        x = (F.pad(x, (0, 0, 0, pad)) if pad else x).contiguous()
+        x = _heads_first(x if x.dim() == 4 else x[..., None], acc, pad)
         return x.reshape(B, H, n, C, x.shape[-1])
 
     qc, kc, vc, bc = prep(q), prep(k), prep(v), prep(b)

@@ -155,10 +155,7 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     pad = n * C - T
 
     def prep(x):   # (B, T, h, X) -> (B, Hk, h / Hk, n, C, X); padded tokens: k = v = 0, l = 0
-        # contiguous, in one copy: F.pad with pad = 0 copies into the transposed strides (a
-        # copy every matmul would repeat), so it runs only where there is padding to add
-        x = x.to(acc).transpose(1, 2)
-        x = (F.pad(x, (0, 0, 0, pad)) if pad else x).contiguous()
+        x = _heads_first(x, acc, pad)
         return x.reshape(B, Hk, -1, n, C, x.shape[-1])
 
     qc, kc, vc = prep(q), prep(k), prep(v)                 # q, k: (B, Hk, 1, n, C, K)
@@ -171,6 +168,14 @@ def recurrence_chunked(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=
     o, S = form.apply(qc, kc, vc, lg, S.reshape(B, Hk, H // Hk, K, V))
     o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
     return o.to(q.dtype), S.reshape(B, H, K, V).to(q.dtype)
+
+
+def _heads_first(x: torch.Tensor, acc: torch.dtype, pad: int) -> torch.Tensor:
+    """(B, T, H, X) -> contiguous (B, H, T + pad, X) in ``acc``, zero-padded at the end, in one
+    copy: F.pad with pad = 0 copies into the transposed strides (a copy every matmul would
+    repeat), so it runs only where there is padding to add."""
+    x = x.to(acc).transpose(1, 2)
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x).contiguous()
 
 
 def _decays_within(log_g: torch.Tensor, C: int, span: float) -> bool:

@@ -299,17 +299,18 @@ class _DiagonalScan(torch.autograd.Function):
               else dh.view(B, Hk, R, K).transpose(-1, -2))
         At = maybe_A[0].view(Hk, R, K).transpose(-1, -2).contiguous() if factored else None
         gate = _gates(lgs, At * LOG2E if factored else None, Hs.dtype)
+        q_, dy_ = qs.unbind(0), dys.unbind(0)
 
         # 1. each chunk's own adjoint at its first step (from zero after its last), and the
         #    product of the gates after its first step, a_1 ... a_{L-1}
-        own = torch.mul(qs[L - 1], dys[L - 1])
+        own = torch.mul(q_[L - 1], dy_[L - 1])
         for l in range(L - 2, -1, -1):
-            own.mul_(gate(l + 1)).addcmul_(qs[l], dys[l])
+            own.mul_(gate(l + 1)).addcmul_(q_[l], dy_[l])
         after_first = lgs[1:].sum(0)
         after_first = (after_first * At if factored else after_first).exp_()
         # 2. the adjoint arriving at each chunk's last step from the later chunks
         arriving = torch.empty(shape, **new)
-        a0 = gate(0).clone()
+        a0 = gate(0)                     # the buffer: no gate(l) is made until after this loop
         lam = dh
         for c in range(n - 1, -1, -1):
             arriving[:, c] = lam
@@ -328,8 +329,8 @@ class _DiagonalScan(torch.autograd.Function):
         g = torch.empty(shape, **new)
         z = torch.empty(shape, **new)
         gT = g.view(N, K, R).transpose(1, 2)
-        q_, H_, lg_, dl_ = qs.unbind(0), Hs.unbind(0), lgs.unbind(0), dlog.unbind(0)
-        kT_, v_, dy_ = ks.view(L, N, 1, K).unbind(0), vs.view(L, N, 1, R).unbind(0), dys.unbind(0)
+        H_, lg_, dl_ = Hs.unbind(0), lgs.unbind(0), dlog.unbind(0)
+        kT_, v_ = ks.view(L, N, 1, K).unbind(0), vs.view(L, N, 1, R).unbind(0)
         dyT_ = dys.reshape(L, N, 1, R).unbind(0)
         dq_, dk_, dv_ = dq.unbind(0), dk.unbind(0), dv.unbind(0)
         carry = arriving
