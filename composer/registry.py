@@ -130,6 +130,8 @@ class Backend:
     available: returns None when usable here, else a sentence saying how to get it
     accepts:   called with a call's arguments; None when the backend handles them, else a
                sentence saying which shapes it handles (None: every shape the op allows)
+    pure:      written in PyTorch alone; False for compiled code of its own (C, Triton), which
+               the benchmarks report beside the best pure-PyTorch backend, not instead of it
     """
 
     op: str
@@ -143,6 +145,7 @@ class Backend:
     summary: str = ""
     accepts: Callable[..., str | None] | None = None
     shapes: str = "any"
+    pure: bool = True
 
     def refuses(self, args, kwargs) -> str | None:
         """None when this backend handles a call with these arguments, else why not."""
@@ -168,13 +171,14 @@ def register_backend(op: str, name: str, *, priority: int = 0,
                      devices=("cpu", "cuda"), dtypes=None,
                      available: Callable[[], str | None] | None = None,
                      accepts: Callable[..., str | None] | None = None,
-                     summary: str = "") -> Callable[[Callable], Callable]:
+                     summary: str = "", pure: bool = True) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn`` as backend ``name`` of ``op``.
 
     ``accepts`` (optional) declares the shapes it handles: called with each call's arguments,
     it returns None or a sentence saying what it handles. Under ``auto`` a call goes to the
     highest-priority backend that fits the device and dtype *and* accepts the call; its
-    docstring's first line is shown by ``hycomp kernels``.
+    docstring's first line is shown by ``hycomp kernels``. ``pure=False`` marks a backend
+    that runs compiled code of its own rather than PyTorch ops.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -194,7 +198,7 @@ def register_backend(op: str, name: str, *, priority: int = 0,
             kw["shapes"] = (accepts.__doc__ or "some shapes").strip().split("\n")[0]
         _OPS[op][name] = Backend(op, name, fn, frozenset(devices), priority=priority,
                                  summary=summary or (fn.__doc__ or "").strip().split("\n")[0],
-                                 **kw)
+                                 pure=pure, **kw)
         return fn
 
     return deco

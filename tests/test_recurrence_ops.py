@@ -400,7 +400,8 @@ def test_scan_state_splits_sequence():
 
 
 def test_auto_picks_by_shape():
-    """The registry's shape declaration: V = 1 goes to ``scan``, V > 1 to ``chunked``; asking
+    """The registry's shape declaration: V = 1 goes to ``scan`` (or, where a C compiler built
+    it, to the compiled ``native``: tests/test_native_scan.py), V > 1 to ``chunked``; asking
     for ``scan`` with V > 1 is a clear error."""
     from composer.errors import HycompError
     from composer.kernels import op, use_kernels
@@ -413,7 +414,9 @@ def test_auto_picks_by_shape():
         return resolve_backend("gated_linear_recurrence", "auto", cpu, torch.float32,
                                (args, {})).name
 
-    assert pick(diag[:5]) == "scan" and pick(wide) == "chunked"
+    from blocks.ops.native import unavailable
+    assert pick(diag[:5]) == ("native" if unavailable() is None else "scan")
+    assert pick(wide) == "chunked"
     # without a call to look at: the best backend taking every shape
     assert resolve_backend("gated_linear_recurrence", "auto", cpu, torch.float32).name \
         == "chunked"
@@ -429,13 +432,18 @@ def test_auto_picks_by_shape():
 
 @pytest.mark.parametrize("backend,form", [
     ("reference", "vector"), ("chunked", "vector"), ("chunked", "scalar"), ("chunked", "none"),
-    ("scan", "factored"), ("scan", "scalar"), ("scan_recompute", "factored")])
+    ("scan", "factored"), ("scan", "scalar"), ("scan_recompute", "factored"),
+    ("native", "factored"), ("native", "scalar")])
 def test_float32_inside_under_bf16_autocast(backend, form):
     """A bf16 autocast around the op (as training with dtype bf16 puts one) leaves its float32
     products alone: outputs, state and gradients equal those without autocast."""
+    from blocks.ops.native import recurrence_native, unavailable
+    if backend == "native" and unavailable():
+        pytest.skip(unavailable())
     fn = {"reference": recurrence_reference, "chunked": recurrence_chunked,
-          "scan": recurrence_scan, "scan_recompute": recurrence_scan_recompute}[backend]
-    if backend.startswith("scan"):
+          "scan": recurrence_scan, "scan_recompute": recurrence_scan_recompute,
+          "native": recurrence_native}[backend]
+    if backend in ("scan", "scan_recompute", "native"):
         args = scan_inputs(2, 37, 1, 6, 4, torch.float32, form=form)
     else:
         q, k, v, lg, s0 = vector_inputs(2, 37, 3, 8, 5, torch.float32)
