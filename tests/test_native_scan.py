@@ -94,21 +94,25 @@ def test_bf16_inputs_run_in_float32():
     assert rel_err(o.float(), o_ref) < 1e-2 and rel_err(S.float(), S_ref) < 1e-2
 
 
-def test_same_result_on_any_thread_count():
+def test_same_result_on_any_thread_count(monkeypatch):
     """Each block of heads runs on one thread and the per-block sums are added by torch in a
-    fixed order: one thread and two give the same numbers, bit for bit."""
+    fixed order: one thread, two OpenMP threads and two Python threads (the path of a build
+    without OpenMP) give the same numbers, bit for bit."""
     args = scan_inputs(2, 90, 2, 24, 16, torch.float32)
     before = torch.get_num_threads()
     res = []
     try:
-        for n in (1, 2):
+        for n, openmp in ((1, True), (2, True), (2, False)):
             torch.set_num_threads(n)
+            if not openmp:
+                monkeypatch.setattr(native._lib, "scan_openmp", lambda: 0)
             o, S = _call(native.recurrence_native)(*args)
             res.append([o, S] + _grads(_call(native.recurrence_native), args, 3))
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(*res):
-        assert a is None and b is None or torch.equal(a, b)
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert a is None and b is None or torch.equal(a, b)
 
 
 def test_keeps_inputs_and_one_state_per_segment():

@@ -2,19 +2,23 @@
 
 The pure-PyTorch ``scan`` backend is bound by what eager PyTorch can do per Python-level step:
 some 16 elementwise passes per step over cache-sized tensors and ~6,000 aten calls for one
-Mamba-1 layer at T=2048 (0.074 s forward + backward here; the readable reference takes 0.74 s).
-``torch.compile`` fuses the forward's chains well but splits the backward into ~190 loop nests
-around its reductions (measured here: 0.034 s for that stage alone). This backend is the loop
-nest one would write by hand (``diag_scan.c``): each block of 16 heads runs the whole sequence
-with its (K, 16) state in registers, exp and the reductions over K are 16-wide vector code, and
-the backward remakes each 64-step segment's states from a kept one instead of keeping all T x H
-x K states (Mamba-1 at T=16384, d_inner 512, d_state 16: 2 MiB kept per layer against 512 MiB).
+Mamba-1 layer at T=2048 (0.055-0.074 s forward + backward here, against 0.56-0.74 s for the
+readable reference). ``torch.compile`` of its stages fuses the forward's chains well but
+splits the backward into ~190 loop nests around its reductions (measured here: 0.034 s for
+that stage alone). This backend is the loop nest one would write by hand (``diag_scan.c``):
+each block of 16 heads runs the whole sequence with its (K, 16) state in registers, exp and
+the reductions over K are 16-wide vector code, and the backward remakes each 64-step
+segment's states from one kept state instead of keeping all T x H x K of them (Mamba-1 at
+T=16384, d_inner 512, d_state 16: 8 MiB kept per layer against ``scan``'s 512 MiB).
 
-The C file is built on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``) into ``$HYCOMP_CACHE_DIR`` (default ``~/.cache/hycomp/native``), keyed by the
-source, the compiler and this CPU's flags, so later processes load it without building. It has
-no PyTorch headers: a build takes about a second. The C function is run on the call's blocks
-from ``torch.get_num_threads()`` threads (ctypes releases the GIL while C runs).
+The C file is built on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc``
+or ``clang``) into ``$HYCOMP_CACHE_DIR/native`` (default ``~/.cache/hycomp/native``), keyed by
+the source, the compiler and this CPU's flags, so later processes load it without building.
+It has no PyTorch headers: a build takes ~1.5 s here. A call runs its blocks on
+``torch.get_num_threads()`` threads of the OpenMP runtime PyTorch already runs on (its
+libgomp; a build without OpenMP runs them on Python threads instead, ctypes letting go of the
+GIL): threads of our own would compete with PyTorch's, which spin for a while after each of
+its ops (measured here: the forward took 8 ms after a torch op against 4 ms after none).
 
 Without a compiler (or with ``HYCOMP_NATIVE=0``) the backend reports itself unavailable and
 ``auto`` takes ``scan``; ``hycomp kernels`` shows why. Numbers: float32 and float64 as they are
@@ -77,16 +81,17 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-# tried in order: 512-bit vectors where the CPU has them (x86-64: -mprefer-vector-width; 1.2x
-# here over 256-bit), glibc's vector exp (x86-64 Linux), then the scalar one; -march=native
-# where the compiler takes it
+# tried in order, best first: -march=native (this CPU's vector width), 512-bit vectors where
+# it has them (x86-64; 1.2x over 256-bit here), OpenMP (the blocks run on PyTorch's own
+# OpenMP threads: see _run), glibc's vector exp for float64 (float32 has its own, exp_f32);
+# the last set is plain C
+_BASE = ["-O3", "-fno-math-errno", "-lm"]
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno",
-     "-DHYCOMP_LIBMVEC", "-lmvec", "-lm"],
-    ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-DHYCOMP_LIBMVEC",
-     "-lmvec", "-lm"],
-    ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-lm"],
-    ["-O3", "-fno-math-errno", "-lm"],
+    ["-march=native", "-mprefer-vector-width=512", "-fopenmp", "-DHYCOMP_LIBMVEC", "-lmvec"],
+    ["-march=native", "-fopenmp", "-DHYCOMP_LIBMVEC", "-lmvec"],
+    ["-march=native", "-fopenmp"],
+    ["-march=native", "-fopenmp-simd"],
+    [],
 )
 
 
@@ -116,7 +121,7 @@ def _build() -> Path:
         # ranks) never load a half-written file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        cmd = [cc, "-shared", "-fPIC", str(SOURCE), "-o", tmp, *flags]
+        cmd = [cc, "-shared", "-fPIC", str(SOURCE), "-o", tmp, *flags, *_BASE]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
@@ -154,12 +159,13 @@ def _load() -> ctypes.CDLL | None:
         i64, p = ctypes.c_int64, ctypes.c_void_p
         for suf in ("f32", "f64"):
             f = getattr(lib, f"scan_fwd_{suf}")
-            f.argtypes = [p] * 9 + [i64] * 7
+            f.argtypes = [p] * 9 + [i64] * 8
             f.restype = ctypes.c_int
             f = getattr(lib, f"scan_bwd_{suf}")
-            f.argtypes = [p] * 14 + [i64] * 7
+            f.argtypes = [p] * 14 + [i64] * 8
             f.restype = ctypes.c_int
         lib.scan_lanes.restype = ctypes.c_int
+        lib.scan_openmp.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -179,16 +185,18 @@ if hasattr(os, "register_at_fork"):
 
 
 def _run(fn, args: list, blocks: int) -> None:
-    """fn(*args, lo, hi) over [0, blocks) split among torch.get_num_threads() threads."""
+    """fn(*args, lo, hi, threads) over blocks [0, blocks) on torch.get_num_threads() threads:
+    those of the OpenMP runtime PyTorch runs on where the library was built with OpenMP (one
+    call), else a pool of Python threads, one call each (ctypes lets go of the GIL)."""
     global _pool
     n = max(1, min(torch.get_num_threads(), blocks))
-    cuts = [blocks * i // n for i in range(n + 1)]
-    if n == 1:
-        rcs = [fn(*args, 0, blocks)]
+    if n == 1 or _lib.scan_openmp():
+        rcs = [fn(*args, 0, blocks, n)]
     else:
+        cuts = [blocks * i // n for i in range(n + 1)]
         if _pool is None or _pool._max_workers < n:
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hycomp-native")
-        rcs = list(_pool.map(lambda i: fn(*args, cuts[i], cuts[i + 1]), range(n)))
+        rcs = list(_pool.map(lambda i: fn(*args, cuts[i], cuts[i + 1], 1), range(n)))
     if any(rcs):
         raise MemoryError("the native scan could not allocate its per-block buffers")
 
