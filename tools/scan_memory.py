@@ -1,12 +1,14 @@
-"""Memory against time for the two V = 1 scan backends, on the benchmark's Mamba-1 model.
+"""Memory against time for the V = 1 scan backends, on the benchmark's Mamba-1 model.
 
     python tools/scan_memory.py                 # writes docs/memory.md
     python tools/scan_memory.py --lengths 2048 --out -
 
 Each (backend, T) runs in a fresh process (so that its peak resident memory is its own): the
 model of ``tools/bench.py``'s ``mamba`` case (d_model 256, 4 Mamba-1 layers, d_inner 512,
-d_state 16, batch 1, fp32), one warm-up training step and then the median of three. ``scan``
-keeps each layer's states for the backward; ``scan_recompute`` makes them again there.
+d_state 16, batch 1, fp32), one warm-up training step and then the median of three. ``native``
+(compiled C) keeps one state per 64 steps and remakes the rest in its backward; ``scan`` (pure
+PyTorch) keeps each layer's states for the backward; ``scan_recompute`` makes them again
+there.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ["scan", "scan_recompute"]
+BACKENDS = ["native", "scan", "scan_recompute"]
 
 
 def measure(backend: str, T: int) -> dict:
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
             print(f"{b:15s} T={T:6d}  {r['step_s']:.3f} s/step  peak {r['peak_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
     from bench import _cpu_name  # noqa: E402  (tools/ is on the path when run as a script)
-    lines = ["# Memory: the Mamba-1 scan with and without recomputation", "",
+    lines = ["# Memory: the Mamba-1 scan backends", "",
              f"Machine: {_cpu_name()}, 2 threads; measured {datetime.date.today().isoformat()}. "
              "Made by `python tools/scan_memory.py`: the `mamba` model of `tools/bench.py` "
              "(d_model 256, 4 Mamba-1 layers, d_inner 512, d_state 16; batch 1, fp32), one "
