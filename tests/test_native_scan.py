@@ -165,6 +165,11 @@ def test_switched_off(fresh, monkeypatch):
 def test_no_compiler_is_a_clear_reason(fresh, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     why = native.unavailable()
+    assert "CC=/nonexistent/cc is not an executable" in why
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    why = native.unavailable()
     assert "no C compiler" in why and "install gcc" in why
 
 
@@ -203,3 +208,9 @@ def test_build_is_cached(fresh, monkeypatch):
     o, S = native.recurrence_native(q, k, v, dt, s0, A=A)
     o2, S2 = recurrence_reference(q, k, v, dt, s0, A=A)
     assert rel_err(o, o2) < 1e-10 and rel_err(S, S2) < 1e-10
+
+
+def test_empty_sequence_passes_the_state_through():
+    q, k, v, dt, s0, A = scan_inputs(2, 5, 1, 6, 4, torch.float32)
+    o, S = native.recurrence_native(q[:, :0], k[:, :0], v[:, :0], dt[:, :0], s0, A=A)
+    assert o.shape == (2, 0, 6, 1) and torch.equal(S, s0)

@@ -99,6 +99,9 @@ def _build() -> Path:
     """Path of the built library (building it if this source/compiler/CPU has none yet);
     raises RuntimeError with the compiler's words when no flag set builds."""
     cc = _compiler()
+    if cc is None and os.environ.get("CC"):
+        raise RuntimeError(f"CC={os.environ['CC']} is not an executable on PATH; point CC at a "
+                           "C compiler (gcc, clang) or unset it")
     if cc is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang); install gcc "
                            "(Debian/Ubuntu: apt install gcc) or set CC")
@@ -276,15 +279,15 @@ def recurrence_native(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=N
     B, T, H, _ = v.shape
     Hk, K = q.shape[2:]
     acc = accum_dtype(q.dtype)
-    h0 = (torch.zeros(B, H, K, dtype=acc) if state is None else state[..., 0].to(acc))
+    h0 = (torch.zeros(B, H, K, dtype=acc) if state is None else state.squeeze(-1).to(acc))
     if T == 0:
         return v.new_zeros(B, 0, H, 1, dtype=q.dtype), h0[..., None].to(q.dtype)
     if log_g is None:
         lg = torch.zeros(B, T, H, dtype=acc)
     else:
-        lg = log_g[..., 0] if log_g.dim() == 4 else log_g
+        lg = log_g.squeeze(-1) if log_g.dim() == 4 else log_g
     At = None if A is None else A.to(acc).t()
-    args = [t.to(acc).contiguous() for t in (q, k, v[..., 0], lg)]
+    args = [t.to(acc).contiguous() for t in (q, k, v.squeeze(-1), lg)]
     y, hT = _NativeScan.apply(*args, None if At is None else At.contiguous(),
                               h0.contiguous())
     return y[..., None].to(q.dtype), hT[..., None].to(q.dtype)
