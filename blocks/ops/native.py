@@ -208,24 +208,28 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+def _sizes(q, v):
+    """(library, B, T, Hk, K, R, blocks per group) of a call: q (B, T, Hk, K), v (B, T, H)."""
+    lib = _load()
+    B, T, Hk, K = q.shape
+    R = v.shape[2] // Hk
+    return lib, B, T, Hk, K, R, -(-R // lib.scan_lanes())
+
+
 class _NativeScan(torch.autograd.Function):
     """q, k (B, T, Hk, K); v, lg (B, T, H); At (K, H) or None (one gate per head); h0
     (B, H, K); all contiguous, float32 or float64. Returns y (B, T, H) and h_T (B, H, K)."""
 
     @staticmethod
     def forward(ctx, q, k, v, lg, At, h0):
-        lib = _load()
-        B, T, Hk, K = q.shape
-        H = v.shape[2]
-        R = H // Hk
-        W = lib.scan_lanes()
-        nck = -(-T // CHECKPOINT)
+        lib, B, T, Hk, K, R, P = _sizes(q, v)
+        H = Hk * R
         y = torch.empty(B, T, H, dtype=q.dtype)
         hT = torch.empty(B, H, K, dtype=q.dtype)
-        ck = torch.empty(B, nck, H, K, dtype=q.dtype)
+        ck = torch.empty(B, -(-T // CHECKPOINT), H, K, dtype=q.dtype)
         fn = lib.scan_fwd_f64 if q.dtype == torch.float64 else lib.scan_fwd_f32
         _run(fn, [_ptr(q), _ptr(k), _ptr(v), _ptr(lg), _ptr(At), _ptr(h0), _ptr(y), _ptr(hT),
-                  _ptr(ck), T, Hk, K, R, CHECKPOINT], B * Hk * -(-R // W))
+                  _ptr(ck), T, Hk, K, R, CHECKPOINT], B * Hk * P)
         ctx.save_for_backward(q, k, v, lg, At, ck)
         return y, hT
 
@@ -234,12 +238,8 @@ class _NativeScan(torch.autograd.Function):
     @no_autocast
     def backward(ctx, dy, dhT):
         q, k, v, lg, At, ck = ctx.saved_tensors
-        lib = _load()
-        B, T, Hk, K = q.shape
-        H = v.shape[2]
-        R = H // Hk
-        W = lib.scan_lanes()
-        P = -(-R // W)
+        lib, B, T, Hk, K, R, P = _sizes(q, v)
+        H = Hk * R
         dy = (torch.zeros_like(v) if dy is None else dy.to(q.dtype)).contiguous()
         dhT = None if dhT is None else dhT.to(q.dtype).contiguous()
         dq = torch.empty(B, T, Hk, P, K, dtype=q.dtype)
