@@ -184,6 +184,14 @@ def test_failing_compiler_reports_its_words(fresh, monkeypatch, tmp_path):
     assert not list(fresh.glob("native/*.so"))          # no half-built file left behind
 
 
+def test_unwritable_cache_is_a_clear_reason(fresh, monkeypatch):
+    blocker = fresh / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("HYCOMP_CACHE_DIR", str(blocker))
+    why = native.unavailable()
+    assert "cannot write the build cache" in why and "HYCOMP_CACHE_DIR" in why
+
+
 def test_build_is_cached(fresh, monkeypatch):
     """A build goes into the cache and the next one (a new process) finds it there without
     compiling; a damaged cached file is built again before loading. (Checked before this

@@ -117,7 +117,12 @@ def _build() -> Path:
     out = out_dir / f"diag_scan-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise RuntimeError(f"cannot write the build cache {out_dir} ({e}); set "
+                           "HYCOMP_CACHE_DIR to a writable folder") from None
     errors = []
     for flags in _FLAG_SETS:
         # built under a temporary name and renamed: processes building at once (torchrun's
