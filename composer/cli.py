@@ -201,7 +201,7 @@ def _schema(args) -> int:
 def _kernels(args) -> int:
     import torch
     from composer.registry import op_doc, ops, resolve_backend
-    rows = [("op", "backend", "priority", "devices", "shapes", "available here",
+    rows = [("op", "backend", "code", "priority", "devices", "shapes", "available here",
              "auto on cpu/fp32")]
     for op_name, backends in ops().items():
         # the pick for any call; a shape-restricted backend above it wins the calls it takes
@@ -217,7 +217,8 @@ def _kernels(args) -> int:
                 marked.add(b.shapes)
             else:
                 mark = ""
-            rows.append((op_name, b.name, str(b.priority), ",".join(sorted(b.devices)),
+            rows.append((op_name, b.name, "pytorch" if b.pure else "compiled", str(b.priority),
+                         ",".join(sorted(b.devices)),
                          b.shapes, "yes" if miss is None else f"no: {miss}", mark))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -90,6 +90,9 @@ def test_kernels_table():
     # the same shapes at a lower priority: chosen by name only
     slow = next(line for line in p.stdout.splitlines() if " scan_recompute " in line)
     assert "V = 1" in slow and "<- auto" not in slow
+    assert " pytorch " in scan                       # pure PyTorch, or compiled code
+    native = next(line for line in p.stdout.splitlines() if " native " in line)
+    assert " compiled " in native
 
 
 TINY_TRAIN = ["model.d_model=32", "train.steps=4", "train.eval_every=2", "train.ckpt_every=2",
