@@ -73,6 +73,24 @@ def test_exact_zero_gates_and_long_sequence():
     _matches_reference(_call(native.recurrence_native), args, 2, 1e-4)
 
 
+@pytest.mark.parametrize("used", ["output", "state"])
+def test_gradients_with_one_output_unused(used):
+    """Only o (training) or only the final state feeds the loss: the other's gradient comes
+    as None (no zero tensor) and the backward skips it, equal to the reference."""
+    args = scan_inputs(2, 2 * CK + 7, 1, 20, 16, torch.float64)
+    grads = []
+    for fn in (native.recurrence_native, recurrence_reference):
+        leaves = [a.clone().requires_grad_(True) for a in args]
+        o, S = _call(fn)(*leaves)
+        (o.square().sum() if used == "output" else S.square().sum()).backward()
+        grads.append([x.grad for x in leaves])
+    for got, ref in zip(*grads):
+        if ref is None:                     # q does not reach the final state
+            assert not got.any()
+        else:
+            assert rel_err(got, ref) < 1e-10
+
+
 def test_state_splits_sequence():
     """forward(x[:a]) then forward(x[a:], state) equals forward(x), a inside a segment."""
     q, k, v, dt, s0, A = scan_inputs(2, 150, 1, 18, 16, torch.float64)

@@ -166,6 +166,22 @@ INLINE vec hsums(const vec *m)
                                    9, 25, 11, 27, 13, 29, 15, 31);
 }
 
+/* A block's states between their (K, W) working layout s[k * W + j] and the head-major
+ * (w, K) rows of h0, hT, ck, dhT and dh0, m[j * K + k]. */
+INLINE void CAT(from_rows, SUF)(real *restrict s, const real *restrict m, i64 K, i64 w)
+{
+    for (i64 k = 0; k < K; k++)
+        for (i64 j = 0; j < w; j++)
+            s[k * W + j] = m[j * K + k];
+}
+
+INLINE void CAT(to_rows, SUF)(real *restrict m, const real *restrict s, i64 K, i64 w)
+{
+    for (i64 k = 0; k < K; k++)
+        for (i64 j = 0; j < w; j++)
+            m[j * K + k] = s[k * W + j];
+}
+
 /* Forward of one block, heads h .. h + w - 1 of group g in batch row b. Inlined twice: with
  * w = W (every full block: fixed-length loops, no remainder code) and with the actual w. */
 INLINE void CAT(fwd_block, SUF)(
@@ -175,16 +191,10 @@ INLINE void CAT(fwd_block, SUF)(
     i64 T, i64 Hk, i64 K, i64 H, i64 CK, i64 b, i64 g, i64 h, const i64 w)
 {
     i64 nck = (T + CK - 1) / CK;
-    for (i64 k = 0; k < K; k++)
-        for (i64 j = 0; j < w; j++)
-            s[k * W + j] = h0[(b * H + h + j) * K + k];
+    CAT(from_rows, SUF)(s, h0 + (b * H + h) * K, K, w);
     for (i64 t = 0; t < T; t++) {
-        if (t % CK == 0) {
-            real *c = ck + ((b * nck + t / CK) * H + h) * K;
-            for (i64 k = 0; k < K; k++)
-                for (i64 j = 0; j < w; j++)
-                    c[j * K + k] = s[k * W + j];
-        }
+        if (t % CK == 0)
+            CAT(to_rows, SUF)(ck + ((b * nck + t / CK) * H + h) * K, s, K, w);
         i64 row = (b * T + t) * H + h, qrow = ((b * T + t) * Hk + g) * K;
         const real *x = lg + row, *vv = v + row;
         real acc[W], e[W];
@@ -215,9 +225,7 @@ INLINE void CAT(fwd_block, SUF)(
         for (i64 j = 0; j < w; j++)
             y[row + j] = acc[j];
     }
-    for (i64 k = 0; k < K; k++)
-        for (i64 j = 0; j < w; j++)
-            hT[(b * H + h + j) * K + k] = s[k * W + j];
+    CAT(to_rows, SUF)(hT + (b * H + h) * K, s, K, w);
 }
 
 int CAT(scan_fwd, SUF)(const real *q, const real *kk, const real *v, const real *lg,
@@ -260,17 +268,14 @@ INLINE void CAT(bwd_block, SUF)(
     i64 T, i64 Hk, i64 K, i64 H, i64 P, i64 CK, i64 b, i64 g, i64 p, i64 h, const i64 w)
 {
     i64 nck = (T + CK - 1) / CK;
-    for (i64 k = 0; k < K; k++)
-        for (i64 j = 0; j < w; j++) {
-            gs[k * W + j] = dhT ? dhT[(b * H + h + j) * K + k] : 0;
-            dA[k * W + j] = 0;
-        }
+    if (dhT)
+        CAT(from_rows, SUF)(gs, dhT + (b * H + h) * K, K, w);
+    else
+        memset(gs, 0, sizeof(real) * K * W);
+    memset(dA, 0, sizeof(real) * K * W);
     for (i64 c = nck - 1; c >= 0; c--) {
         i64 t0 = c * CK, n = T - t0 < CK ? T - t0 : CK;
-        const real *cs = ck + ((b * nck + c) * H + h) * K;
-        for (i64 k = 0; k < K; k++)
-            for (i64 j = 0; j < w; j++)
-                S[k * W + j] = cs[j * K + k];
+        CAT(from_rows, SUF)(S, ck + ((b * nck + c) * H + h) * K, K, w);
         for (i64 l = 0; l < n; l++) {                 /* the segment's gates and states */
             i64 row = (b * T + t0 + l) * H + h, qrow = ((b * T + t0 + l) * Hk + g) * K;
             const real *x = lg + row, *vv = v + row;
@@ -384,11 +389,10 @@ INLINE void CAT(bwd_block, SUF)(
             }
         }
     }
+    CAT(to_rows, SUF)(dh0 + (b * H + h) * K, gs, K, w);
     for (i64 k = 0; k < K; k++)
-        for (i64 j = 0; j < w; j++) {
-            dh0[(b * H + h + j) * K + k] = gs[k * W + j];
+        for (i64 j = 0; j < w; j++)
             dAt[(b * K + k) * H + h + j] = dA[k * W + j];
-        }
 }
 
 int CAT(scan_bwd, SUF)(const real *q, const real *kk, const real *v, const real *lg,

@@ -54,6 +54,7 @@ _why: str | None = None
 _tried = False
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def cache_dir() -> Path:
@@ -184,8 +185,8 @@ def unavailable() -> str | None:
 
 
 def _forget_pool() -> None:
-    global _pool
-    _pool = None               # a forked child has none of the parent's threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0   # a forked child has none of the parent's threads
 
 
 if hasattr(os, "register_at_fork"):
@@ -196,14 +197,14 @@ def _run(fn, args: list, blocks: int) -> None:
     """fn(*args, lo, hi, threads) over blocks [0, blocks) on torch.get_num_threads() threads:
     those of the OpenMP runtime PyTorch runs on where the library was built with OpenMP (one
     call), else a pool of Python threads, one call each (ctypes lets go of the GIL)."""
-    global _pool
+    global _pool, _pool_size
     n = max(1, min(torch.get_num_threads(), blocks))
     if n == 1 or _lib.scan_openmp():
         rcs = [fn(*args, 0, blocks, n)]
     else:
         cuts = [blocks * i // n for i in range(n + 1)]
-        if _pool is None or _pool._max_workers < n:
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hycomp-native")
+        if _pool is None or _pool_size < n:
+            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="hycomp-native"), n
         rcs = list(_pool.map(lambda i: fn(*args, cuts[i], cuts[i + 1], 1), range(n)))
     if any(rcs):
         raise MemoryError("the native scan could not allocate its per-block buffers")
@@ -236,6 +237,7 @@ class _NativeScan(torch.autograd.Function):
         _run(fn, [_ptr(q), _ptr(k), _ptr(v), _ptr(lg), _ptr(At), _ptr(h0), _ptr(y), _ptr(hT),
                   _ptr(ck), T, Hk, K, R, CHECKPOINT], B * Hk * P)
         ctx.save_for_backward(q, k, v, lg, At, ck)
+        ctx.set_materialize_grads(False)   # an unused output's gradient comes as None
         return y, hT
 
     @staticmethod
@@ -291,8 +293,7 @@ def recurrence_native(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=N
         lg = torch.zeros(B, T, H, dtype=acc)
     else:
         lg = log_g.squeeze(-1) if log_g.dim() == 4 else log_g
-    At = None if A is None else A.to(acc).t()
+    At = None if A is None else A.to(acc).t().contiguous()
     args = [t.to(acc).contiguous() for t in (q, k, v.squeeze(-1), lg)]
-    y, hT = _NativeScan.apply(*args, None if At is None else At.contiguous(),
-                              h0.contiguous())
+    y, hT = _NativeScan.apply(*args, At, h0.contiguous())
     return y[..., None].to(q.dtype), hT[..., None].to(q.dtype)
