@@ -29,6 +29,7 @@ from blocks.gated_deltanet import l2norm
 from composer.block import (Block, BlockSpec, accum_dtype, causal_conv, heads_problem,
                             linear_flops)
 from composer.kernels import op
+from composer.norms import rms_norm
 from composer.registry import register_block
 
 
@@ -100,8 +101,8 @@ class DeltaNet(Block):
         beta = torch.sigmoid(self.b_proj(x).to(acc)) * (2.0 if s.neg_eigval else 1.0)
         o, rec = op("delta_rule")(q, k, v * beta[..., None], -beta, None, state["recurrent"],
                                   chunk_size=s.chunk_size)
-        o = o * torch.rsqrt(o.square().mean(-1, keepdim=True) + s.norm_eps)
-        o = (o * self.norm_weight.to(acc)).to(x.dtype).reshape(B, T, self.H * self.d)
+        o = rms_norm(o, self.norm_weight.to(acc), s.norm_eps)
+        o = o.to(x.dtype).reshape(B, T, self.H * self.d)
         return self.o_proj(o), {"conv": conv_state, "recurrent": rec}
 
     @classmethod

@@ -29,6 +29,7 @@ from torch import nn
 
 from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
 from composer.kernels import op
+from composer.norms import rms_norm
 from composer.registry import register_block
 
 
@@ -78,9 +79,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x, z):
         work = torch.promote_types(x.dtype, torch.float32)
-        h = x.to(work)
-        h = (h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return (self.weight * h * F.silu(z.to(work))).to(x.dtype)
+        return (rms_norm(x, self.weight, self.eps) * F.silu(z.to(work))).to(x.dtype)
 
 
 def l2norm(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 
 from composer.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.kernels import op
+from composer.norms import rms_norm
 from composer.registry import register_block
 
 
@@ -99,7 +100,7 @@ class GLA(Block):
         log_a = F.logsigmoid(self.gk_up(self.gk_down(x)).to(acc)) / s.gate_temperature
         o, S = op("gated_linear_recurrence")(q, k, v, log_a.view(B, T, self.H, self.dk),
                                              state["S"], chunk_size=s.chunk_size)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + s.norm_eps) * self.norm_weight
+        o = rms_norm(o, self.norm_weight, s.norm_eps)
         y = F.silu(self.g_proj(x)) * o.reshape(B, T, self.vw).to(x.dtype)
         return self.o_proj(y), {"S": S}
 

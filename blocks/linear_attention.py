@@ -24,6 +24,7 @@ from torch import nn
 
 from composer.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
 from composer.kernels import op
+from composer.norms import rms_norm
 from composer.registry import register_block
 
 FEATURE_MAPS = {
@@ -104,7 +105,7 @@ class LinearAttention(Block):
         if s.normalize:
             o = o[..., :-1] / (o[..., -1:] + s.eps)
         if self.norm_weight is not None:
-            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + s.eps) * self.norm_weight
+            o = rms_norm(o, self.norm_weight, s.eps)
         y = self.o_proj(o.reshape(B, T, self.H * self.d).to(x.dtype))
         return y, {"S": S}
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
 from composer.kernels import op
+from composer.norms import rms_norm
 from composer.registry import register_block
 
 
@@ -165,8 +166,8 @@ class Mamba2(Block):
         """rmsnorm(y * silu(z)) over groups of d_inner / n_groups channels, times a weight."""
         g = self.spec.n_groups
         h = (y * F.silu(z)).view(*y.shape[:-1], g, self.d_inner // g)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
-        return h.view_as(y) * self.norm_weight.to(h.dtype)
+        w = self.norm_weight.to(h.dtype).view(g, self.d_inner // g)
+        return rms_norm(h, w, self.spec.norm_eps).view_as(y)
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):

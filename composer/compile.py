@@ -17,11 +17,12 @@ from torch import nn
 from composer.aux import collect_aux_losses
 from composer.graph import data_inputs, execution_order
 from composer.kernels import use_kernels
+from composer.norms import RMSNorm
 from composer.registry import get_block
 
 
 def make_norm(kind: str, d: int, eps: float) -> nn.Module:
-    return nn.RMSNorm(d, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
+    return RMSNorm(d, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(d, eps=eps)
 
 
 class SubLayer(nn.Module):
