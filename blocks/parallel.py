@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from composer.block import Block, BlockSpec
+from composer.norms import RMSNorm
 from composer.registry import register_block
 
 
@@ -41,7 +42,7 @@ class ParallelCombine(Block):
     def __init__(self, spec: ParallelSpec, d_model: int):
         super().__init__(spec, d_model)
         n = len(spec.branches)
-        self.norms = nn.ModuleList(nn.RMSNorm(d_model, eps=1e-5) if spec.norm_outputs
+        self.norms = nn.ModuleList(RMSNorm(d_model, eps=1e-5) if spec.norm_outputs
                                    else nn.Identity() for _ in range(n))
         self.beta = nn.Parameter(torch.ones(n, d_model))
 

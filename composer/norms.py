@@ -24,7 +24,9 @@ class _RMSNorm(torch.autograd.Function):
         n = x.shape[-1]
         rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(n).add_(eps)
         rstd = rstd.rsqrt_()
-        xhat = xf * rstd
+        # contiguous whatever x's layout (an op's head-major output seen as (B, T, H, D)), so
+        # that merging the heads afterwards is a view rather than a copy
+        xhat = torch.mul(xf, rstd, out=torch.empty(x.shape, dtype=work, device=x.device))
         ctx.save_for_backward(xhat, rstd, w)
         ctx.x_dtype = x.dtype
         y = xhat if w is None else xhat * w.to(work)
