@@ -143,6 +143,36 @@ def test_narrow_form(monkeypatch, dtype, T, chunk, gate, per):
     assert calls
 
 
+@pytest.mark.parametrize("per", ["key_dim", "head", "head_expanded"])
+def test_narrow_form_reads_views_and_returns_gradients_in_the_callers_layout(per):
+    """Without padding the one-matmul form takes q, k and the gates as head-major views of the
+    (B, T, H, X) inputs: results equal the reference, and the gradients of q, k and the gates
+    arrive contiguous in that layout (written in place, not transposed back by a copy). An
+    expanded gate (a fixed decay per head, as RetNet passes it) gets a dense gradient."""
+    B, T, H, K, V = 2, 32, 3, 8, 5
+    q, k, v, lg, s0 = vector_inputs(B, T, H, K, V, torch.float64, "near1")
+    if per != "key_dim":
+        lg = lg[..., 0]
+    if per == "head_expanded":
+        lg = lg[:1, :1].expand(B, T, H)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, lg, s0)]
+    seen = {}                                  # the gradients as the op hands them back
+    inner = [x * 1 for x in leaves]
+    for i in (0, 1, 3):
+        inner[i].register_hook(lambda gr, i=i: seen.__setitem__(i, gr))
+    o, S = recurrence_chunked(*inner, chunk_size=16)
+    o1, S1 = recurrence_reference(q, k, v, lg, s0)
+    assert rel_err(o, o1) < 1e-10 and rel_err(S, S1) < 1e-10
+    g = torch.Generator().manual_seed(3)
+    ((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum()
+     + (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()).backward()
+    ref = _grads(recurrence_reference, (q, k, v, lg, s0), 3)
+    for name, x, g_ref in zip("q k v log_g state".split(), leaves, ref):
+        assert rel_err(x.grad, g_ref) < 1e-10, name
+    assert seen[0].is_contiguous() and seen[1].is_contiguous()
+    assert seen[3].is_contiguous() or per == "head_expanded"
+
+
 @pytest.mark.parametrize("per", ["key_dim", "head"])
 def test_narrow_form_with_shared_q_and_k(per):
     """The one-matmul form itself takes q and k shared by the heads of a group (the chunked
