@@ -490,23 +490,23 @@ class _NarrowChunked(torch.autograd.Function):
         # contiguous operand first, whose layout the result takes
         b = torch.mul(l, LOG2E, out=torch.empty(l.shape, dtype=l.dtype, device=l.device))
         b = b.cumsum_(-2)                                  # prefix sums in log2 units
-        e = b.exp2()
-        einv = b.neg_().exp2_()
+        e = b.exp2_()
         gamma = e[..., -1, :]                                               # (.., n, K)
-        qt, kt = e * q, einv * k
+        qt = e * q
+        kt = torch.div(k, e, out=torch.empty(qt.shape, dtype=e.dtype, device=e.device))
         P = _bmm(qt, kt.transpose(-1, -2)).tril_()                          # (.., n, C, C)
         O = _bmm(P, v)
         U = _bmm(kt.transpose(-1, -2), v).mul_(gamma[..., None])            # (w k)^T v
         E, S = _entering(U, gamma[..., None], S0)                           # (.., n, K, V)
         _bmm_add(O, qt, E)
-        ctx.save_for_backward(q, k, v, e, einv, qt, kt, P, E)
+        ctx.save_for_backward(q, k, v, e, qt, kt, P, E)
         ctx.l_layout = torch.empty_like(l, device="meta")          # l's gradient's layout
         return O, S
 
     @staticmethod
     @no_autocast
     def backward(ctx, dO, dS):
-        q, k, v, e, einv, qt, kt, P, E = ctx.saved_tensors
+        q, k, v, e, qt, kt, P, E = ctx.saved_tensors
         gamma = e[..., -1, :]
         dO = dO.contiguous()
         dP = _bmm(dO, v.transpose(-1, -2)).tril_()
@@ -531,7 +531,7 @@ class _NarrowChunked(torch.autograd.Function):
         torch.mul(dqt, e, out=dq).addcmul_(d_diag, k)
         y = torch.mul(dkwg, kt).sum_to_size(lsh).sub_(db)      # y_j - db_j, y_j = dkw_j w_j k_j
         dk = _like(k, dkt.shape)
-        torch.mul(dkt.add_(dkwg), einv, out=dk).addcmul_(d_diag, q)
+        torch.div(dkt.add_(dkwg), e, out=dk).addcmul_(d_diag, q)
         dq, dk = dq.sum_to_size(q.shape), dk.sum_to_size(k.shape)
         # l_s collects the db_i at and after it, w's parts before it, and gamma's part:
         # sum_{i>=s} db_i + sum_{j<s} y_j = (sum_i db_i + gamma's) + sum_{j<s} (y_j - db_j),
