@@ -74,6 +74,21 @@ def test_rms_norm_low_precision_and_module():
     assert rel(m(x), ref(x)) < 1e-6
 
 
+def test_rms_norm_of_a_head_major_view_is_contiguous():
+    """An op's head-major output seen as (B, T, H, D): the norm's result is laid out (B, T, H, D)
+    so that merging the heads afterwards is a view; values and gradients as the textbook's."""
+    raw = torch.randn(2, 3, 7, 16, dtype=torch.float64)              # (B, H, T, D) memory
+    w = torch.randn(16, dtype=torch.float64)
+    a = raw.clone().requires_grad_()
+    b = raw.clone().requires_grad_()
+    y = rms_norm(a.transpose(1, 2), w, 1e-6)
+    ref = rms_textbook(b.transpose(1, 2), w, 1e-6)
+    assert y.is_contiguous() and rel(y, ref) < 1e-12
+    dy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(dy), ref.backward(dy)
+    assert rel(a.grad, b.grad) < 1e-10
+
+
 def test_rms_norm_rejects_a_mismatched_weight():
     with pytest.raises(ValueError, match="does not match"):
         rms_norm(torch.randn(2, 8), torch.ones(4), 1e-6)
