@@ -101,7 +101,7 @@ class DeltaNet(Block):
         beta = torch.sigmoid(self.b_proj(x).to(acc)) * (2.0 if s.neg_eigval else 1.0)
         o, rec = op("delta_rule")(q, k, v * beta[..., None], -beta, None, state["recurrent"],
                                   chunk_size=s.chunk_size)
-        o = rms_norm(o, self.norm_weight.to(acc), s.norm_eps)
+        o = rms_norm(o, self.norm_weight, s.norm_eps)
         o = o.to(x.dtype).reshape(B, T, self.H * self.d)
         return self.o_proj(o), {"conv": conv_state, "recurrent": rec}
 

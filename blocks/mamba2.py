@@ -166,7 +166,7 @@ class Mamba2(Block):
         """rmsnorm(y * silu(z)) over groups of d_inner / n_groups channels, times a weight."""
         g = self.spec.n_groups
         h = (y * F.silu(z)).view(*y.shape[:-1], g, self.d_inner // g)
-        w = self.norm_weight.to(h.dtype).view(g, self.d_inner // g)
+        w = self.norm_weight.view(g, self.d_inner // g)
         return rms_norm(h, w, self.spec.norm_eps).view_as(y)
 
     @classmethod

@@ -202,19 +202,20 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(batch + out.shape[-2:])
 
 
-def _entering(U: torch.Tensor, gamma: torch.Tensor, S0,
-              reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _entering(U: torch.Tensor, gamma: torch.Tensor, S0, reverse: bool = False,
+              dim: int = -3) -> tuple[torch.Tensor, torch.Tensor]:
     """Across chunks: the states entering each chunk, E (..., n, K, V), with E_0 = S0 and
     E_{c+1} = gamma_c * E_c + U_c (gamma broadcast to (..., n, K | 1, 1 | V)), and the state
     leaving the last chunk. ``reverse``: the adjoints leaving each chunk, E_{n-1} = S0 (0 for
-    None) and E_{c-1} = gamma_c * E_c + U_c, and the adjoint entering the first. Each step
-    writes its slot in place (copying a separately made state in cost a fifth of the loop)."""
-    n = U.shape[-3]
+    None) and E_{c-1} = gamma_c * E_c + U_c, and the adjoint entering the first. ``dim``: where
+    the chunks lie in U and gamma (the states are the dims after it). Each step writes its slot
+    in place (copying a separately made state in cost a fifth of the loop)."""
+    n = U.shape[dim]
     E = torch.empty(U.shape, dtype=U.dtype, device=U.device)
     first, last, steps = ((n - 1, 0, range(n - 1, 0, -1)) if reverse
                           else (0, n - 1, range(n - 1)))
     # the chunks' slices, made once (unbind: one call for all n views)
-    U_, g_, E_ = U.unbind(-3), gamma.unbind(-3), E.unbind(-3)
+    U_, g_, E_ = U.unbind(dim), gamma.unbind(dim), E.unbind(dim)
     if S0 is None:
         E_[first].zero_()
     else:

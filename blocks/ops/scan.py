@@ -136,19 +136,18 @@ def _narrow_k1(q, k, v, lg, h0, L: int, acc):
 class _NarrowK1(torch.autograd.Function):
     """The scan for one key dim (K = V = 1, as RG-LRU), where every chunk decays at most
     NARROW_SPAN: whole-tensor prefix sums instead of steps. x, l (B, n, H, L) (inputs k_t v_t
-    and log gates), h0 (B, H). With b the chunk's prefix sums of l (>= -NARROW_SPAN) and
-    h_in the state entering the chunk,
+    and log gates), h0 (B, H). With b the chunk's prefix sums of l (>= -NARROW_SPAN) and h_in
+    the state entering the chunk,
 
         h_i = x_i + exp(b_i) (sum_{j<i} exp(-b_j) x_j + h_in)
 
-    the pairs j = i kept out of the factors, as in the one-matmul form of the chunked
-    backend (their factors would cancel in the gate gradients only up to rounding). Chunks
-    lie along the last dim, where torch's prefix sums run twice as fast as along a middle one.
-    The states leaving the chunks run as a loop over the n chunks on (B, H) numbers (the
-    chunked backend's ``_entering``, one op per chunk each way), and the backward is written
-    by hand. Measured here (RG-LRU, 256 channels, T=2048, chunks of 32,
-    forward + backward, interleaved A/B): 0.013-0.019 s stepwise against 0.009 s, 1.4-2.0x
-    over runs; autograd over the same form took 0.008-0.011 s."""
+    the pairs j = i kept out of the factors, as in the one-matmul form of the chunked backend
+    (their factors would cancel in the gate gradients only up to rounding). Chunks lie along the
+    last dim, where torch's prefix sums run twice as fast as along a middle one. The states
+    leaving the chunks run as a loop over the n chunks on (B, H) numbers (the chunked backend's
+    ``_entering``), and the backward is written by hand. Measured here (RG-LRU, 256 channels,
+    T=2048, chunks of 32, forward + backward, interleaved A/B): 0.013-0.019 s stepwise against
+    0.009 s, 1.4-2.0x over runs; autograd over the same form took 0.008-0.011 s."""
 
     @staticmethod
     def forward(ctx, x, l, h0):
@@ -158,10 +157,8 @@ class _NarrowK1(torch.autograd.Function):
         total = F.pad((einv * x)[..., :-1], (1, 0)).cumsum_(-1)      # sum_{j<i}
         last = torch.addcmul(x[..., -1], e[..., -1], total[..., -1])  # from zero
         gamma = e[..., -1]
-        # across chunks (n along dim 1, seen as (B, n, H, 1) for _entering): one op per chunk
-        h_in, h = _entering(last[..., None], gamma[..., None], h0[..., None])
-        total += h_in
-        h = h[..., 0]
+        h_in, h = _entering(last, gamma, h0, dim=1)                  # across chunks
+        total += h_in[..., None]
         hs = torch.addcmul(x, e, total)
         ctx.save_for_backward(x, e, einv, total)
         return hs, h
@@ -173,17 +170,16 @@ class _NarrowK1(torch.autograd.Function):
         gamma = e[..., -1]
         # the state leaving chunk c is its last h, S_c, and enters every position of chunk
         # c + 1: lam_c = dL/dS_c = sum_i dhs_{c+1,i} e_{c+1,i} + gamma_{c+1} lam_{c+1}
-        t0 = (dhs * e).sum(-1, keepdim=True)                         # (B, n, H, 1)
-        lams, lam = _entering(t0, gamma[..., None], None if dh is None else dh[..., None],
-                              reverse=True)                          # lam: dL/dh0
+        t0 = (dhs * e).sum(-1)                                       # (B, n, H)
+        lams, lam = _entering(t0, gamma, dh, reverse=True, dim=1)    # lam: dL/dh0
         D = dhs.clone(memory_format=torch.contiguous_format)
-        D[..., -1:] += lams                                          # dL/dh, all uses
+        D[..., -1] += lams                                           # dL/dh, all uses
         u = D * e
         later = F.pad(u[..., 1:].flip(-1).cumsum(-1).flip(-1), (0, 1))   # sum_{i>j} u_i
         dx = torch.addcmul(D, einv, later)
         # b_i enters as exp(b_i) (in h_i) and as exp(-b_i) (in the later h_j)
         db = (u * total).sub_(later * einv * x)
-        return dx, db.flip(-1).cumsum(-1).flip(-1), lam[..., 0]
+        return dx, db.flip(-1).cumsum(-1).flip(-1), lam
 
 
 def _steps(t: torch.Tensor, L: int) -> torch.Tensor:
@@ -260,11 +256,7 @@ class _DiagonalScan(torch.autograd.Function):
         for l in range(1, L):
             own.mul_(gate(l)).addcmul_(k_[l], v_[l])
         # 2. the state entering each chunk
-        entering = torch.empty(shape, dtype=q.dtype, device=q.device)
-        h = h0
-        for c in range(n):
-            entering[:, c] = h
-            h = torch.addcmul(own[:, c], total[:, c], h)
+        entering, h = _entering(own, total, h0, dim=1)
         # 3. all states, kept, and the outputs
         Hs = torch.empty((L,) + shape, dtype=q.dtype, device=q.device)
         ys = torch.empty((L, N, 1, R), dtype=q.dtype, device=q.device)
