@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from blocks.attention import SoftmaxAttention, SoftmaxAttentionSpec, window_problem
-from composer.registry import register_block
+from composer.core.registry import register_block
 
 
 class BlockAttentionSpec(SoftmaxAttentionSpec):

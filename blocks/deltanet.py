@@ -26,11 +26,11 @@ from pydantic import Field
 from torch import nn
 
 from blocks.gated_deltanet import l2norm
-from composer.block import (Block, BlockSpec, accum_dtype, causal_conv, heads_problem,
+from composer.core.block import (Block, BlockSpec, accum_dtype, causal_conv, heads_problem,
                             linear_flops)
-from composer.kernels import op
-from composer.norms import rms_norm
-from composer.registry import register_block
+from composer.core.kernels import op
+from composer.core.norms import rms_norm
+from composer.core.registry import register_block
 
 
 class DeltaNetSpec(BlockSpec):

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
-from composer.kernels import op
-from composer.registry import register_block
+from composer.core.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
+from composer.core.kernels import op
+from composer.core.registry import register_block
 
 
 class MambaSpec(BlockSpec):

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
-from composer.kernels import op
-from composer.norms import rms_norm
-from composer.registry import register_block
+from composer.core.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
+from composer.core.kernels import op
+from composer.core.norms import rms_norm
+from composer.core.registry import register_block
 
 
 class Mamba2Spec(BlockSpec):

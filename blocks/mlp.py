@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, linear_flops
-from composer.registry import register_block
+from composer.core.block import Block, BlockSpec, linear_flops
+from composer.core.registry import register_block
 
 _ACT = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu}
 

@@ -16,7 +16,7 @@ probability of expert i.
 
 f sums to k (each token is dispatched to k experts), so a perfectly balanced router gives
 L_aux = coef * k; this is the formula of Switch (k = 1) as Mixtral and Jamba apply it to top-k.
-The loss reaches the trainer through :func:`composer.aux.add_aux_loss`.
+The loss reaches the trainer through :func:`composer.core.aux.add_aux_loss`.
 
 Dispatch: the (token, expert) pairs are sorted by expert, each expert runs once on exactly its
 own tokens (no dense all-experts compute, no capacity, no dropped tokens) and the weighted
@@ -31,9 +31,9 @@ from pydantic import Field
 from torch import nn
 
 from blocks.mlp import MLP, MLPSpec
-from composer.aux import add_aux_loss
-from composer.block import Block, BlockSpec, accum_dtype, linear_flops
-from composer.registry import register_block
+from composer.core.aux import add_aux_loss
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
+from composer.core.registry import register_block
 
 
 class MoESpec(BlockSpec):

@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec
-from composer.norms import RMSNorm
-from composer.registry import register_block
+from composer.core.block import Block, BlockSpec
+from composer.core.norms import RMSNorm
+from composer.core.registry import register_block
 
 
 class ParallelSpec(BlockSpec):

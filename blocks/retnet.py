@@ -27,9 +27,9 @@ from pydantic import Field
 from torch import nn
 
 from blocks.attention import apply_rope, rope_cache
-from composer.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
-from composer.kernels import op
-from composer.registry import register_block
+from composer.core.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
+from composer.core.kernels import op
+from composer.core.registry import register_block
 
 
 class RetNetSpec(BlockSpec):

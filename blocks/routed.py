@@ -53,10 +53,10 @@ from torch import nn
 
 from blocks.mlp import MLPSpec
 from blocks.moe import balance_loss, run_grouped
-from composer.aux import add_aux_loss
-from composer.block import Block, BlockSpec, linear_flops
-from composer.errors import HycompError
-from composer.registry import get_block, register_block
+from composer.core.aux import add_aux_loss
+from composer.core.block import Block, BlockSpec, linear_flops
+from composer.core.errors import HycompError
+from composer.core.registry import get_block, register_block
 
 
 class RoutedSpec(BlockSpec):

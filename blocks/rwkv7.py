@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.block import Block, BlockSpec, accum_dtype, linear_flops
-from composer.kernels import op
-from composer.registry import register_block
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
+from composer.core.kernels import op
+from composer.core.registry import register_block
 
 _BRANCHES = ("r", "w", "k", "v", "a", "g")
 _MIX_POWER = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.5, "a": 0.9, "g": 0.2}

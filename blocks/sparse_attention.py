@@ -27,7 +27,7 @@ from pydantic import Field
 
 from blocks.attention import (SoftmaxAttention, SoftmaxAttentionSpec, mean_visible,
                               window_problem)
-from composer.registry import register_block
+from composer.core.registry import register_block
 
 
 class SparseAttentionSpec(SoftmaxAttentionSpec):

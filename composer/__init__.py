@@ -16,10 +16,10 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_recipe": "composer.compose", "compose_dict": "composer.compose",
-    "layer_graph": "composer.graph", "Recipe": "composer.recipe",
-    "validate_recipe": "composer.recipe", "HycompError": "composer.errors",
-    "RecipeError": "composer.errors",
+    "load_recipe": "composer.recipe.compose", "compose_dict": "composer.recipe.compose",
+    "layer_graph": "composer.build.graph", "Recipe": "composer.recipe.schema",
+    "validate_recipe": "composer.recipe.schema", "HycompError": "composer.core.errors",
+    "RecipeError": "composer.core.errors",
 }
 
 
@@ -27,8 +27,8 @@ def build_model(recipe, device=None):
     """The model of ``recipe``, compiled from its layer graph (``ComposedModel``)."""
     import torch
 
-    from composer.compile import ComposedModel
-    from composer.graph import layer_graph
+    from composer.build.model import ComposedModel
+    from composer.build.graph import layer_graph
     graph = layer_graph(recipe)
     if device is None:
         return ComposedModel(graph, recipe.model, recipe.kernels)

@@ -7,8 +7,8 @@ import torch
 
 import blocks.ops.attention as attn_op
 from blocks.ops.attention import attention_chunked, attention_reference, attention_sdpa
-from composer.kernels import use_kernels
-from composer.registry import block_types, resolve_backend
+from composer.core.kernels import use_kernels
+from composer.core.registry import block_types, resolve_backend
 
 from conftest import rel_err
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from composer.kernels import use_kernels
-from composer.registry import block_types, ops
+from composer.core.kernels import use_kernels
+from composer.core.registry import block_types, ops
 
 from conftest import rel_err
 

@@ -1,4 +1,4 @@
-"""composer.checkpoint: safetensors + JSON checkpoints, atomic, with clear errors."""
+"""composer.run.checkpoint: safetensors + JSON checkpoints, atomic, with clear errors."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 import composer
-from composer.checkpoint import (latest_checkpoint, load_checkpoint, read_recipe,
+from composer.run.checkpoint import (latest_checkpoint, load_checkpoint, read_recipe,
                                  save_checkpoint)
-from composer.errors import CheckpointError
-from composer.train import param_groups
+from composer.core.errors import CheckpointError
+from composer.run.train import param_groups
 
 TINY = ["model.d_model=32", "model.n_layers=2", "data.seq_len=16"]
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def hycomp(*args, cwd=None, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "composer.cli", *args], cwd=cwd or ROOT,
+    return subprocess.run([sys.executable, "-m", "composer.cli.main", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -56,7 +56,7 @@ def test_check_table():
     (["train", "-m", "model.schedule.ratio=1:1,3:1,0:0", "train.steps=1"], "sweep job"),
 ])
 def test_bad_input_exits_2_with_what_where_why_fix(args, words, capsys):
-    from composer.cli import main
+    from composer.cli.main import main
     with pytest.raises(SystemExit) as ei:
         main(args)
     err = capsys.readouterr().err

@@ -5,8 +5,8 @@ import textwrap
 import pytest
 
 import composer
-from composer.compose import full_overrides, group_options
-from composer.errors import RecipeError
+from composer.recipe.compose import full_overrides, group_options
+from composer.core.errors import RecipeError
 
 
 def test_default_recipe_is_a_3_to_1_hybrid():
@@ -143,7 +143,7 @@ def test_missing_recipe_file():
 
 
 def test_schema_is_json_and_documents_fields():
-    from composer.recipe import Recipe
+    from composer.recipe.schema import Recipe
     schema = Recipe.model_json_schema()
     json.dumps(schema)
     props = schema["$defs"]["ModelConfig"]["properties"]

@@ -1,4 +1,4 @@
-"""composer.data: reading, the split, batches and the unigram baseline."""
+"""composer.run.data: reading, the split, batches and the unigram baseline."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from composer.data import (SEPARATOR, assign_val, fixed_batches, list_files, load_splits,
+from composer.run.data import (SEPARATOR, assign_val, fixed_batches, list_files, load_splits,
                            sample_batch, unigram_bpb)
-from composer.errors import DataError
-from composer.recipe import DataConfig
+from composer.core.errors import DataError
+from composer.recipe.schema import DataConfig
 
 
 def test_stdlib_default_is_found_and_deterministic():

@@ -186,8 +186,8 @@ def test_state_splits_sequence(mode):
 
 
 def test_auto_backend_is_chunked_and_op_call_matches():
-    from composer.kernels import op, use_kernels
-    from composer.registry import resolve_backend
+    from composer.core.kernels import op, use_kernels
+    from composer.core.registry import resolve_backend
     assert resolve_backend("delta_rule", "auto", torch.device("cpu"),
                            torch.float32).name == "chunked"
     q, k, v, b, lw, s0, a = inputs("rwkv", 1, 5, 2, 4, 3, torch.float64)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import composer
-from composer.cli import check_report
-from composer.compose import group_options
-from composer.graph import execution_order, totals
+from composer.cli.main import check_report
+from composer.recipe.compose import group_options
+from composer.build.graph import execution_order, totals
 
 from conftest import rel_err
 

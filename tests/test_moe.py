@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import composer
 from blocks.moe import MoE, MoESpec, balance_loss
-from composer.aux import collect_aux_losses
+from composer.core.aux import collect_aux_losses
 
 from conftest import recipe_from, rel_err
 

@@ -10,10 +10,10 @@ import torch
 
 from blocks.ops import native
 from blocks.ops.recurrence import recurrence_reference
-from composer import kernels
-from composer.errors import HycompError
-from composer.kernels import op, use_kernels
-from composer.registry import resolve_backend
+from composer.core import kernels
+from composer.core.errors import HycompError
+from composer.core.kernels import op, use_kernels
+from composer.core.registry import resolve_backend
 
 from conftest import rel_err
 from test_recurrence_ops import _call, _grads, _matches_reference, _saved_bytes, scan_inputs

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blocks.attention import apply_rope, rope_cache
-from composer.norms import RMSNorm, rms_norm
+from composer.core.norms import RMSNorm, rms_norm
 
 
 def rms_textbook(x, w, eps):

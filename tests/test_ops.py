@@ -116,9 +116,9 @@ def test_attention_backends_match_loop(Tq, Tk, q_pos0, k_pos0, window, hq, hkv, 
 
 
 def test_kernel_registry_choices_and_errors():
-    from composer.errors import HycompError
-    from composer.kernels import op, use_kernels
-    from composer.registry import resolve_backend
+    from composer.core.errors import HycompError
+    from composer.core.kernels import op, use_kernels
+    from composer.core.registry import resolve_backend
     cpu = torch.device("cpu")
     assert resolve_backend("gated_linear_recurrence", "auto", cpu, torch.float32).name == "chunked"
     assert resolve_backend("attention", "auto", cpu, torch.float32).name == "sdpa"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blocks.attention import Attention, AttentionSpec
-from composer.kernels import use_kernels
+from composer.core.kernels import use_kernels
 
 from conftest import rel_err
 

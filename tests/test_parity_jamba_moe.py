@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blocks.moe import MoE, MoESpec
-from composer.aux import collect_aux_losses
+from composer.core.aux import collect_aux_losses
 
 from conftest import rel_err
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from composer.kernels import use_kernels
-from composer.registry import block_types
+from composer.core.kernels import use_kernels
+from composer.core.registry import block_types
 
 from conftest import rel_err
 

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from composer.placement import place_even, place_period, repeat_to
+from composer.recipe.placement import place_even, place_period, repeat_to
 
 
 def s(xs):

@@ -433,9 +433,9 @@ def test_auto_picks_by_shape():
     """The registry's shape declaration: V = 1 goes to ``scan`` (or, where a C compiler built
     it, to the compiled ``native``: tests/test_native_scan.py), V > 1 to ``chunked``; asking
     for ``scan`` with V > 1 is a clear error."""
-    from composer.errors import HycompError
-    from composer.kernels import op, use_kernels
-    from composer.registry import resolve_backend
+    from composer.core.errors import HycompError
+    from composer.core.kernels import op, use_kernels
+    from composer.core.registry import resolve_backend
     cpu = torch.device("cpu")
     diag = scan_inputs(1, 9, 1, 4, 3, torch.float32)
     wide = vector_inputs(1, 9, 2, 4, 3, torch.float32)

@@ -6,8 +6,8 @@ import torch
 
 import composer
 from blocks.routed import Routed, RoutedSpec
-from composer.aux import collect_aux_losses
-from composer.registry import block_types
+from composer.core.aux import collect_aux_losses
+from composer.core.registry import block_types
 
 from conftest import recipe_from, rel_err
 

@@ -7,7 +7,7 @@ import pytest
 
 CHILD = textwrap.dedent("""
     import resource, torch
-    from composer.runtime import tune_cpu_allocator
+    from composer.run.runtime import tune_cpu_allocator
 
     def faults(n=6):
         r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -35,7 +35,7 @@ def test_tuned_allocator_stops_refaulting_large_blocks():
 
 
 def test_opt_out(monkeypatch):
-    import composer.runtime as rt
+    import composer.run.runtime as rt
     monkeypatch.setattr(rt, "_done", False)
     monkeypatch.setenv("HYCOMP_MALLOC_TUNING", "0")
     assert rt.tune_cpu_allocator() is False

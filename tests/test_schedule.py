@@ -2,7 +2,7 @@
 import pytest
 
 import composer
-from composer.errors import RecipeError
+from composer.core.errors import RecipeError
 
 from conftest import recipe_from
 

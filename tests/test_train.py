@@ -1,4 +1,4 @@
-"""composer.train: a tiny run end to end, interruption, exact resume."""
+"""composer.run.train: a tiny run end to end, interruption, exact resume."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import signal
 import pytest
 
 import composer
-import composer.train as train_mod
-from composer.errors import CheckpointError
-from composer.train import lr_at, read_metrics, run
+import composer.run.train as train_mod
+from composer.core.errors import CheckpointError
+from composer.run.train import lr_at, read_metrics, run
 
 TINY = ["model.d_model=32", "model.n_layers=2", "data.max_bytes=200000", "data.seq_len=32",
         "train.batch_size=4", "train.steps=6", "train.eval_every=3", "train.ckpt_every=3",

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import composer
-from composer import viz
-from composer.errors import HycompError
-from composer.graph import execution_order, totals
+from composer.viz import draw as viz
+from composer.core.errors import HycompError
+from composer.build.graph import execution_order, totals
 
 T = 256
 SMALL = ["model.d_model=32"]

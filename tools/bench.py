@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import composer  # noqa: E402
-from composer.graph import totals  # noqa: E402
-from composer.registry import block_types  # noqa: E402
+from composer.build.graph import totals  # noqa: E402
+from composer.core.registry import block_types  # noqa: E402
 
 D, L, V, FF = 256, 4, 256, 704
 
@@ -163,8 +163,8 @@ def op_speedups(T: int = 2048) -> list[list]:
     compiler is present); the best pure-PyTorch backend is the pick among backends written in
     PyTorch alone (``scan`` for those shapes). Attention's reference is a dense masked softmax,
     not a loop: its rows show what the banded form saves, not a recurrence's loop overhead."""
-    from composer.kernels import op, use_kernels
-    from composer.registry import candidates, pick, resolve_backend
+    from composer.core.kernels import op, use_kernels
+    from composer.core.registry import candidates, pick, resolve_backend
     out = []
     for name, label, (args, kw) in _op_shapes(T):
         def run(b):
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from composer.runtime import tune_cpu_allocator
+    from composer.run.runtime import tune_cpu_allocator
     tuned = tune_cpu_allocator()  # for both sides alike (see composer/runtime.py)
     have = block_types()
     rows, scaling, gflops = [], [], []

@@ -31,7 +31,7 @@ def measure(backend: str, T: int) -> dict:
     import torch
     sys.path.insert(0, str(ROOT / "tools"))
     import bench
-    from composer.runtime import tune_cpu_allocator
+    from composer.run.runtime import tune_cpu_allocator
     torch.set_num_threads(2)
     tune_cpu_allocator()
     model, _ = bench.hycomp_model(bench.CASES["mamba"][0],

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from composer.registry import register_backend, register_op
+from composer.core.registry import register_backend, register_op
 
 OP = "attention"
 register_op(OP, "causal softmax attention: global, sliding window, block-local, global tokens "

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from blocks.ops.recurrence import (LOG2E, _bmm, _bmm_add, _excl_cumsum, _heads_first,
                                    _rcumsum)
-from composer.block import accum_dtype, no_autocast
-from composer.registry import register_backend, register_op
+from composer.core.block import accum_dtype, no_autocast
+from composer.core.registry import register_backend, register_op
 
 OP = "delta_rule"
 register_op(OP, "S_t = (diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t "

@@ -41,8 +41,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from blocks.ops.recurrence import OP
-from composer.block import accum_dtype, no_autocast
-from composer.registry import register_backend
+from composer.core.block import accum_dtype, no_autocast
+from composer.core.registry import register_backend
 
 SOURCE = Path(__file__).with_name("diag_scan.c")
 CHECKPOINT = 64

@@ -33,8 +33,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from composer.block import accum_dtype, no_autocast
-from composer.registry import register_backend, register_op
+from composer.core.block import accum_dtype, no_autocast
+from composer.core.registry import register_backend, register_op
 
 OP = "gated_linear_recurrence"
 register_op(OP, "S_t = exp(log_g_t) * S_{t-1} + k_t v_t^T, o_t = S_t^T q_t; log_g None, per head, "

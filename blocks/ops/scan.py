@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from blocks.ops.recurrence import LOG2E, NARROW_SPAN, OP, _decays_within, _entering
-from composer.block import accum_dtype, no_autocast
-from composer.registry import register_backend
+from composer.core.block import accum_dtype, no_autocast
+from composer.core.registry import register_backend
 
 
 STEP_NUMBERS = 1 << 19

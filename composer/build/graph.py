@@ -30,7 +30,7 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from composer.registry import get_block
+from composer.core.registry import get_block
 
 
 def _zero(*_a, **_k):
@@ -39,7 +39,7 @@ def _zero(*_a, **_k):
 
 def layer_graph(recipe) -> nx.DiGraph:
     """The layer graph of a validated :class:`Recipe` (see module docstring)."""
-    from composer.compile import ComposedModel
+    from composer.build.model import ComposedModel
 
     m = recipe.model
     sched = recipe.schedule

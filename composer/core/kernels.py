@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from composer.registry import Backend, candidates, pick
+from composer.core.registry import Backend, candidates, pick
 
 _CHOICES: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
     "hycomp_kernels", default=())

@@ -14,13 +14,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from composer.errors import HycompError
+from composer.core.errors import HycompError
 
 
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
 def hydra_train(cfg: DictConfig) -> float | None:
-    from composer.recipe import validate_recipe
-    from composer.train import run
+    from composer.recipe.schema import validate_recipe
+    from composer.run.train import run
     try:
         recipe = validate_recipe(OmegaConf.to_container(cfg, resolve=True))
         summary = run(recipe, Path(HydraConfig.get().runtime.output_dir))

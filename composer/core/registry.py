@@ -21,7 +21,7 @@ from typing import Callable, Literal
 
 import torch
 
-from composer.errors import HycompError
+from composer.core.errors import HycompError
 
 Role = Literal["mixer", "ffn", "composite"]
 

@@ -14,11 +14,11 @@ import networkx as nx
 import torch
 from torch import nn
 
-from composer.aux import collect_aux_losses
-from composer.graph import data_inputs, execution_order
-from composer.kernels import use_kernels
-from composer.norms import RMSNorm
-from composer.registry import get_block
+from composer.core.aux import collect_aux_losses
+from composer.build.graph import data_inputs, execution_order
+from composer.core.kernels import use_kernels
+from composer.core.norms import RMSNorm
+from composer.core.registry import get_block
 
 
 def make_norm(kind: str, d: int, eps: float) -> nn.Module:
@@ -63,7 +63,7 @@ class ComposedModel(nn.Module):
     ``forward(input_ids (B, T)) -> logits (B, T, V)``; with ``state`` (from ``init_state`` or a
     previous call) and ``return_state=True`` it continues a sequence and returns
     ``(logits, new_state)``. After each forward, ``aux_loss`` holds the sum of the
-    auxiliary losses blocks added (:mod:`composer.aux`), or None.
+    auxiliary losses blocks added (:mod:`composer.core.aux`), or None.
     """
 
     aux_loss: torch.Tensor | None = None

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib import rc_context
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
-from composer.graph import execution_order
-from composer.viz import (columns, drawn_edges, human, kind_colour, kind_label, label_lines,
+from composer.build.graph import execution_order
+from composer.viz.draw import (columns, drawn_edges, human, kind_colour, kind_label, label_lines,
                           node_notes, summary)
 
 W, G, BH, P, M = 2.5, 0.8, 0.46, 0.66, 0.35  # box width, gutter, box height, row pitch, margin

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from composer.errors import HycompError
+from composer.core.errors import HycompError
 
 COMMANDS = {
     "train": "train a recipe on CPU or GPU (Hydra app: -m sweeps, run folders)",
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `hycomp check | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        from composer.registry import did_you_mean
+        from composer.core.registry import did_you_mean
         _fail(HycompError(what=f"unknown command '{argv[0]}'",
                           why=f"commands: {', '.join(COMMANDS)}",
                           fix="run 'hycomp --help'" + did_you_mean(argv[0], COMMANDS)))
@@ -103,7 +103,7 @@ def _fail(e: HycompError) -> None:
 # --------------------------------------------------------------------------------------------
 def _check(args) -> int:
     import composer
-    from composer.graph import totals
+    from composer.build.graph import totals
     recipe = composer.load_recipe(args.recipe, args.overrides)
     g = composer.layer_graph(recipe)
     T = args.seq_len or recipe.data.seq_len
@@ -136,7 +136,7 @@ def _fields_brief(s: dict) -> str:
 
 def check_report(recipe, g, T: int) -> dict:
     """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs."""
-    from composer.graph import totals
+    from composer.build.graph import totals
     subs = []
     for nid, a in g.nodes(data=True):
         if a["op"] not in ("residual", "combine"):
@@ -170,7 +170,7 @@ def check_report(recipe, g, T: int) -> dict:
 
 def _viz(args) -> int:
     import composer
-    from composer import viz
+    from composer.viz import draw as viz
     recipe = composer.load_recipe(args.recipe, args.overrides)
     g = composer.layer_graph(recipe)
     T = args.seq_len or recipe.data.seq_len
@@ -187,8 +187,8 @@ def _viz(args) -> int:
 
 
 def _schema(args) -> int:
-    from composer.recipe import Recipe
-    from composer.registry import block_types, get_block
+    from composer.recipe.schema import Recipe
+    from composer.core.registry import block_types, get_block
     if args.block:
         print(json.dumps(get_block(args.block).spec.model_json_schema(), indent=2))
         return 0
@@ -200,7 +200,7 @@ def _schema(args) -> int:
 
 def _kernels(args) -> int:
     import torch
-    from composer.registry import op_doc, ops, resolve_backend
+    from composer.core.registry import op_doc, ops, resolve_backend
     rows = [("op", "backend", "code", "priority", "devices", "shapes", "available here",
              "auto on cpu/fp32")]
     for op_name, backends in ops().items():
@@ -254,14 +254,14 @@ def _train(argv: list[str]) -> int:
     hydra_flags, overrides = _split_hydra_flags(argv)
     try:
         _preflight(recipe, overrides)
-        from composer.compose import full_overrides
+        from composer.recipe.compose import full_overrides
         overrides = full_overrides(recipe, overrides)
         if recipe != "config":
             overrides, hydra_flags = _recipe_to_hydra(recipe, overrides, hydra_flags)
         overrides += _resume_into_run_folder(overrides)
     except HycompError as e:
         _fail(e)
-    from composer.train_app import hydra_train
+    from composer.run.app import hydra_train
     sys.argv = ["hycomp train", *hydra_flags, *overrides]
     hydra_train()
     return 0
@@ -310,7 +310,7 @@ def _split_hydra_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _recipe_to_hydra(recipe: str, overrides, flags):
-    from composer.compose import _source
+    from composer.recipe.compose import _source
     kind, where, name, extra = _source(recipe)
     if kind == "dir":
         return ([*extra, *overrides], [*flags, "--config-dir", where, "--config-name", name])
@@ -319,8 +319,8 @@ def _recipe_to_hydra(recipe: str, overrides, flags):
 
 def _preflight(recipe: str, overrides: list[str]) -> None:
     """Validate every job a (multi)run would start; raise on the first bad one."""
-    from composer.compose import compose_dict, parse_overrides
-    from composer.recipe import validate_recipe
+    from composer.recipe.compose import compose_dict, parse_overrides
+    from composer.recipe.schema import validate_recipe
     parsed = parse_overrides(overrides)
     axes = []
     for o in parsed:
@@ -354,7 +354,7 @@ def _probe_kernels(recipe) -> None:
     import torch
 
     import composer
-    from composer.train import pick_device
+    from composer.run.train import pick_device
     device = pick_device(recipe.train.device)
     model = composer.build_model(recipe).to(device)
     ids = torch.zeros(1, min(2, recipe.model.max_seq_len), dtype=torch.long, device=device)

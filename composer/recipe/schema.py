@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from composer.block import BlockSpec, Spec
-from composer.errors import RecipeError
-from composer.registry import did_you_mean
+from composer.core.block import BlockSpec, Spec
+from composer.core.errors import RecipeError
+from composer.core.registry import did_you_mean
 
 # --------------------------------------------------------------------------------------------
 # Schedule
@@ -230,13 +230,13 @@ class Recipe(Spec):
 
     @property
     def schedule(self):
-        """The expanded schedule (:class:`composer.schedule.Expanded`)."""
+        """The expanded schedule (:class:`composer.recipe.schedule.Expanded`)."""
         return self._schedule
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         # deferred import: schedule imports this module
-        from composer.schedule import resolve_and_expand
+        from composer.recipe.schedule import resolve_and_expand
         resolve_and_expand(self)
         return self
 
@@ -249,7 +249,7 @@ def schema_fields(path: list[str], base: dict) -> list[str] | None:
 
     Under ``model.blocks.<name>`` the fields are those of the block's spec, its kind read from
     ``base`` (a composed recipe dict; the name itself when absent)."""
-    from composer.registry import block_types
+    from composer.core.registry import block_types
     node: Any = Recipe
     for i, part in enumerate(path):
         if node is None:  # a free dict (blocks, symbols, kernels): any key

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from composer.errors import DataError
+from composer.core.errors import DataError
 
 SEPARATOR = b"\n\n"
 """Put between files in a split."""

@@ -27,9 +27,9 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer.errors import RecipeError
-from composer.recipe import FORMS, Recipe, schema_fields, validate_recipe
-from composer.registry import did_you_mean
+from composer.core.errors import RecipeError
+from composer.recipe.schema import FORMS, Recipe, schema_fields, validate_recipe
+from composer.core.registry import did_you_mean
 
 RECIPES_MODULE = "recipes"
 

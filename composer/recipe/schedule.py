@@ -19,10 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from composer.block import BlockSpec
-from composer.errors import HycompError, RecipeError
-from composer.placement import place_even, place_period, repeat_to
-from composer.registry import block_types, default_symbols, did_you_mean, ops
+from composer.core.block import BlockSpec
+from composer.core.errors import HycompError, RecipeError
+from composer.recipe.placement import place_even, place_period, repeat_to
+from composer.core.registry import block_types, default_symbols, did_you_mean, ops
 
 # Megatron-LM's pattern symbols, reserved even before their block types are registered.
 MEGATRON_SYMBOLS = {"M": "mamba2", "*": "attention", "-": "mlp", "E": "moe", "G": "gated_deltanet"}
@@ -69,7 +69,7 @@ class _Problems:
         self.items.extend(errs)
 
     def raise_if_any(self):
-        from composer.recipe import bundle
+        from composer.recipe.schema import bundle
         if self.items:
             raise bundle(self.items)
 
@@ -85,7 +85,7 @@ def symbol_table(model) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 def _resolve_specs(model, used: set[str], probs: _Problems) -> dict[str, BlockSpec]:
     """Validate ``model.blocks`` and give every used block name its spec."""
-    from composer.recipe import pydantic_problems
+    from composer.recipe.schema import pydantic_problems
     types = block_types()
     specs: dict[str, BlockSpec] = {}
     names = set(model.blocks) | used
@@ -361,7 +361,7 @@ def resolve_and_expand(recipe) -> Expanded:
 
 
 def _with_fields(spec, fields, i, overrides, probs, model):
-    from composer.recipe import pydantic_problems
+    from composer.recipe.schema import pydantic_problems
     k = next(k for k, ov in enumerate(overrides) if ov.set and set(ov.set) & set(fields))
     try:
         new = type(spec).model_validate({**spec.model_dump(), **fields})

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from composer.errors import CheckpointError
+from composer.core.errors import CheckpointError
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "optim.safetensors", "trainer.json", "recipe.json")

@@ -1,12 +1,12 @@
 """Pictures of the layer graph: a terminal table, DOT and Mermaid text, SVG/PNG drawings.
 
-Everything reads the layer graph of :mod:`composer.graph` and draws every node, so the picture
+Everything reads the layer graph of :mod:`composer.build.graph` and draws every node, so the picture
 is the model that runs: a later visit of a shared module is its own node (hatched / dashed, with
 a dashed ``shares`` link from the owner), and a parallel sub-layer shows its branches side by
 side above its combine node.
 
 :func:`draw` renders SVG and PNG with graphviz ``dot`` when it is installed (``engine="auto"``)
-and otherwise with the builtin matplotlib renderer (:mod:`composer.viz_builtin`), which needs no
+and otherwise with the builtin matplotlib renderer (:mod:`composer.viz.builtin`), which needs no
 binary and stays readable for deep models by laying the sub-layers out in columns.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import networkx as nx
 
-from composer.errors import HycompError
-from composer.graph import data_inputs, execution_order, totals
+from composer.core.errors import HycompError
+from composer.build.graph import data_inputs, execution_order, totals
 
 FORMATS = ("svg", "png", "mmd", "dot")
 ENGINES = ("auto", "dot", "builtin")
@@ -353,6 +353,6 @@ def draw(g: nx.DiGraph, out_dir: Path, T: int, formats=FORMATS, engine: str = "a
             warnings.warn(f"graphviz dot failed ({detail[:200]}); drawing with the builtin "
                           "renderer", RuntimeWarning, stacklevel=2)
     if images:
-        from composer.viz_builtin import render
+        from composer.viz.builtin import render
         render(g, T, images, title)
     return paths

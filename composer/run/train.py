@@ -14,7 +14,7 @@ mean); the global gradient norm clipped to ``grad_clip``; an AdamW update at ``l
 
 Run folder: ``metrics.jsonl`` (one JSON object per line, all with ``step``: the unigram
 baseline once, train lines every ``log_every`` steps, validation lines every ``eval_every``
-steps and at the end), ``checkpoints/`` (:mod:`composer.checkpoint`), ``loss.png`` and
+steps and at the end), ``checkpoints/`` (:mod:`composer.run.checkpoint`), ``loss.png`` and
 ``summary.json`` at the end.
 
 Ctrl-C: the first one lets the current step finish, writes a checkpoint and raises
@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from composer.checkpoint import (CKPT_DIR, latest_checkpoint, load_checkpoint, read_recipe,
+from composer.run.checkpoint import (CKPT_DIR, latest_checkpoint, load_checkpoint, read_recipe,
                                  save_checkpoint, write_text_atomic)
-from composer.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits, sample_batch,
+from composer.run.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits, sample_batch,
                            unigram_bpb)
-from composer.errors import CheckpointError, RecipeError
-from composer.plots import plot_losses
-from composer.runtime import tune_cpu_allocator
+from composer.core.errors import CheckpointError, RecipeError
+from composer.run.plots import plot_losses
+from composer.run.runtime import tune_cpu_allocator
 
 
 def pick_device(name: str) -> torch.device:
