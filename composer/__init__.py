@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_recipe": "composer.recipe.compose", "compose_dict": "composer.recipe.compose",
-    "layer_graph": "composer.build.graph", "Recipe": "composer.recipe.schema",
-    "validate_recipe": "composer.recipe.schema", "HycompError": "composer.core.errors",
+    "layer_graph": "composer.build.costs", "Recipe": "composer.recipe.schema",
+    "validate_recipe": "composer.recipe.validate", "HycompError": "composer.core.errors",
     "RecipeError": "composer.core.errors",
 }
 
@@ -28,7 +28,7 @@ def build_model(recipe, device=None):
     import torch
 
     from composer.build.model import ComposedModel
-    from composer.build.graph import layer_graph
+    from composer.build.costs import layer_graph
     graph = layer_graph(recipe)
     if device is None:
         return ComposedModel(graph, recipe.model, recipe.kernels)

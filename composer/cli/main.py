@@ -103,7 +103,7 @@ def _fail(e: HycompError) -> None:
 # --------------------------------------------------------------------------------------------
 def _check(args) -> int:
     import composer
-    from composer.build.graph import totals
+    from composer.build.costs import totals
     recipe = composer.load_recipe(args.recipe, args.overrides)
     g = composer.layer_graph(recipe)
     T = args.seq_len or recipe.data.seq_len
@@ -136,7 +136,7 @@ def _fields_brief(s: dict) -> str:
 
 def check_report(recipe, g, T: int) -> dict:
     """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs."""
-    from composer.build.graph import totals
+    from composer.build.costs import totals
     subs = []
     for nid, a in g.nodes(data=True):
         if a["op"] not in ("residual", "combine"):
@@ -170,7 +170,7 @@ def check_report(recipe, g, T: int) -> dict:
 
 def _viz(args) -> int:
     import composer
-    from composer.viz import draw as viz
+    from composer import viz
     recipe = composer.load_recipe(args.recipe, args.overrides)
     g = composer.layer_graph(recipe)
     T = args.seq_len or recipe.data.seq_len
@@ -320,7 +320,7 @@ def _recipe_to_hydra(recipe: str, overrides, flags):
 def _preflight(recipe: str, overrides: list[str]) -> None:
     """Validate every job a (multi)run would start; raise on the first bad one."""
     from composer.recipe.compose import compose_dict, parse_overrides
-    from composer.recipe.schema import validate_recipe
+    from composer.recipe.validate import validate_recipe
     parsed = parse_overrides(overrides)
     axes = []
     for o in parsed:

@@ -28,7 +28,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer.core.errors import RecipeError
-from composer.recipe.schema import FORMS, Recipe, schema_fields, validate_recipe
+from composer.recipe.problems import schema_fields
+from composer.recipe.schema import FORMS, Recipe
+from composer.recipe.validate import validate_recipe
 from composer.core.registry import did_you_mean
 
 RECIPES_MODULE = "recipes"

@@ -8,8 +8,9 @@ Two ways of counting layers are both expressible (README, "Counting layers"):
   block in a list or ratio), or ``model.ffn`` is null; one residual sub-layer per entry
   (Nemotron-H's ``M-M-M*-``).
 
-Everything here is a pure function of the recipe; :func:`resolve_and_expand` also resolves and
-validates every block spec, and raises one :class:`RecipeError` listing all problems.
+Everything here is a pure function of the recipe's ``model`` section; :func:`expand_schedule`
+also resolves and validates every block spec, collecting problems rather than stopping at the
+first.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from composer.core.block import BlockSpec
-from composer.core.errors import HycompError, RecipeError
+from composer.core.registry import block_types, default_symbols, did_you_mean
 from composer.recipe.placement import place_even, place_period, repeat_to
-from composer.core.registry import block_types, default_symbols, did_you_mean, ops
+from composer.recipe.problems import Problems, pydantic_problems
 
 # Megatron-LM's pattern symbols, reserved even before their block types are registered.
 MEGATRON_SYMBOLS = {"M": "mamba2", "*": "attention", "-": "mlp", "E": "moe", "G": "gated_deltanet"}
@@ -58,22 +59,6 @@ class Expanded:
         return len(self.entries)
 
 
-class _Problems:
-    def __init__(self):
-        self.items: list[RecipeError] = []
-
-    def add(self, what, where, why, fix):
-        self.items.append(RecipeError(what=what, where=where, why=why, fix=fix))
-
-    def extend(self, errs):
-        self.items.extend(errs)
-
-    def raise_if_any(self):
-        from composer.recipe.schema import bundle
-        if self.items:
-            raise bundle(self.items)
-
-
 def symbol_table(model) -> dict[str, str]:
     """Pattern symbol -> block name: Megatron's, then registered blocks', then the recipe's."""
     table = dict(MEGATRON_SYMBOLS)
@@ -83,9 +68,8 @@ def symbol_table(model) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
-def _resolve_specs(model, used: set[str], probs: _Problems) -> dict[str, BlockSpec]:
+def _resolve_specs(model, used: set[str], probs: Problems) -> dict[str, BlockSpec]:
     """Validate ``model.blocks`` and give every used block name its spec."""
-    from composer.recipe.schema import pydantic_problems
     types = block_types()
     specs: dict[str, BlockSpec] = {}
     names = set(model.blocks) | used
@@ -134,7 +118,7 @@ def _where_used(model, name: str) -> str:
 
 
 def _expand_form(form_cfg, depth: int | None, symbols: dict[str, str], where: str,
-                 probs: _Problems) -> list[str]:
+                 probs: Problems) -> list[str]:
     """Names for one schedule form (a whole schedule or one segment)."""
     given = [f for f in ("ratio", "pattern", "layers") if getattr(form_cfg, f) is not None]
     if len(given) != 1:
@@ -223,7 +207,7 @@ def _to_depth(names, depth, where, what, probs, repeat):
     return []
 
 
-def _select(sel, entries: list[str], where: str, probs: _Problems) -> list[int]:
+def _select(sel, entries: list[str], where: str, probs: Problems) -> list[int]:
     n = len(entries)
     chosen = set(range(n))
     if sel.indices is not None:
@@ -251,88 +235,121 @@ def _select(sel, entries: list[str], where: str, probs: _Problems) -> list[int]:
     return sorted(chosen)
 
 
-def resolve_and_expand(recipe) -> Expanded:
-    """Validate blocks, kernels and schedule of ``recipe``; store and return the expansion."""
-    model = recipe.model
-    probs = _Problems()
-    _check_kernels(recipe.kernels, probs)
+@dataclass
+class _Expansion:
+    """What :func:`expand_schedule` knows after each of its steps."""
+
+    model: Any
+    probs: Problems
+    names: list[str] = field(default_factory=list)        # block name per schedule entry
+    entry_over: dict[int, dict[str, Any]] = field(default_factory=dict)  # entry -> fields
+    ffn_over: dict[int, str] = field(default_factory=dict)               # entry -> FFN name
+    specs: dict[str, BlockSpec] = field(default_factory=dict)            # name -> spec
+    megatron: bool = False                                 # FFNs placed by the schedule
+    entries: list[Entry] = field(default_factory=list)
+
+
+def expand_schedule(model, probs: Problems) -> Expanded:
+    """Resolve every block spec of ``model`` and expand its schedule into sub-layers.
+
+    Problems go to ``probs``, which is raised after the specs are resolved and again at the
+    end (a schedule with unresolved blocks cannot be laid out). Sets ``model._specs``.
+    """
+    x = _Expansion(model, probs)
+    _names(x)
+    _apply_overrides(x)
+    _resolve_used(x)
+    probs.raise_if_any()
+    model._specs = x.specs
+    _counting(x)
+    _entries(x)
+    probs.raise_if_any()
+    return Expanded(x.entries, "megatron" if x.megatron else "hf", _pattern(x), x.names)
+
+
+def _names(x: _Expansion) -> None:
+    """Step 1: one block name per schedule entry, from the schedule form or its segments."""
+    model, probs, sch = x.model, x.probs, x.model.schedule
     symbols = symbol_table(model)
-    sch = model.schedule
+    if sch.segments is None:
+        x.names = _expand_form(sch, model.n_layers, symbols, "model.schedule", probs)
+        return
+    others = [f for f in ("ratio", "pattern", "layers") if getattr(sch, f) is not None]
+    if others:
+        probs.add(f"segments and {', '.join(others)} are both set", "model.schedule",
+                  "a schedule has exactly one form",
+                  f"move {', '.join(others)} into a segment, or drop segments")
+        return
+    for k, seg in enumerate(sch.segments):
+        x.names += _expand_form(seg, seg.n_layers, symbols, f"model.schedule.segments[{k}]",
+                                probs)
+    total = sum(s.n_layers for s in sch.segments)
+    if model.n_layers is not None and model.n_layers != total and not probs.items:
+        probs.add(f"segments cover {total} entries, model.n_layers is {model.n_layers}",
+                  "model.schedule.segments", "the segment lengths must add up to the depth",
+                  f"set model.n_layers={total} (or null)")
 
-    # 1. names per schedule entry
-    if sch.segments is not None:
-        others = [f for f in ("ratio", "pattern", "layers") if getattr(sch, f) is not None]
-        if others:
-            probs.add(f"segments and {', '.join(others)} are both set", "model.schedule",
-                      "a schedule has exactly one form",
-                      f"move {', '.join(others)} into a segment, or drop segments")
-            names = []
-        else:
-            names = []
-            for k, seg in enumerate(sch.segments):
-                names += _expand_form(seg, seg.n_layers, symbols,
-                                      f"model.schedule.segments[{k}]", probs)
-            total = sum(s.n_layers for s in sch.segments)
-            if model.n_layers is not None and model.n_layers != total and not probs.items:
-                probs.add(f"segments cover {total} entries, model.n_layers is {model.n_layers}",
-                          "model.schedule.segments", "the segment lengths must add up to "
-                          "the depth", f"set model.n_layers={total} (or null)")
-    else:
-        names = _expand_form(sch, model.n_layers, symbols, "model.schedule", probs)
 
-    # 2. overrides: block swaps first (they change which spec an entry gets)
-    entry_over: dict[int, dict[str, Any]] = {}
-    ffn_over: dict[int, str] = {}
-    for k, ov in enumerate(sch.overrides if names else []):
+def _apply_overrides(x: _Expansion) -> None:
+    """Step 2: per-layer overrides; block swaps first (they change which spec an entry gets)."""
+    for k, ov in enumerate(x.model.schedule.overrides if x.names else []):
         where = f"model.schedule.overrides[{k}]"
-        for i in _select(ov.select, names, f"{where}.select", probs):
+        for i in _select(ov.select, x.names, f"{where}.select", x.probs):
             if ov.block is not None:
-                names[i] = ov.block
+                x.names[i] = ov.block
             if ov.set:
-                entry_over.setdefault(i, {}).update(ov.set)
+                x.entry_over.setdefault(i, {}).update(ov.set)
             if ov.ffn is not None:
-                ffn_over[i] = ov.ffn
+                x.ffn_over[i] = ov.ffn
 
-    # 3. specs of every name in use (composites pull in their branches)
-    used = set(names) | set(ffn_over.values()) | ({model.ffn} if model.ffn else set())
-    used |= {n for n in model.shared}
-    specs = _resolve_specs(model, used, probs)
+
+def _resolve_used(x: _Expansion) -> None:
+    """Step 3: the spec of every name in use; composite blocks pull in their branches."""
+    model = x.model
+    used = set(x.names) | set(x.ffn_over.values()) | ({model.ffn} if model.ffn else set())
+    used |= set(model.shared)
+    x.specs = _resolve_specs(model, used, x.probs)
     types = block_types()
-    for name, spec in list(specs.items()):
+    for spec in list(x.specs.values()):
         if types[spec.kind].role != "composite":
             continue
         for b in spec.branches:
-            if b not in specs:
-                specs.update(_resolve_specs(model, {b}, probs))
-    probs.raise_if_any()
-    model._specs = specs
+            if b not in x.specs:
+                x.specs.update(_resolve_specs(model, {b}, x.probs))
 
-    # 4. counting: HF (mixer + FFN per entry) unless the schedule places FFNs itself
-    roles = [types[specs[n].kind].role for n in names]
-    megatron = model.ffn is None or "ffn" in roles
-    if not megatron:
-        ffn_names = {model.ffn} | set(ffn_over.values())
-        for fname in sorted(ffn_names):
-            if types[specs[fname].kind].role != "ffn":
+
+def _counting(x: _Expansion) -> None:
+    """Step 4: HF counting (mixer + FFN per entry) unless the schedule places FFNs itself."""
+    model, probs, specs = x.model, x.probs, x.specs
+    types = block_types()
+    roles = [types[specs[n].kind].role for n in x.names]
+    x.megatron = model.ffn is None or "ffn" in roles
+    if not x.megatron:
+        for fname in sorted({model.ffn} | set(x.ffn_over.values())):
+            role = types[specs[fname].kind].role
+            if role != "ffn":
                 probs.add(f"'{fname}' is not an FFN block", "model.ffn" if fname == model.ffn
-                          else "model.schedule.overrides", f"'{fname}' is a "
-                          f"{types[specs[fname].kind].role}", "name an FFN block (mlp, moe, ...)")
-    elif ffn_over:
+                          else "model.schedule.overrides", f"'{fname}' is a {role}",
+                          "name an FFN block (mlp, moe, ...)")
+    elif x.ffn_over:
         probs.add("override sets ffn in a schedule that places FFN blocks itself",
                   "model.schedule.overrides", "with Megatron counting every FFN is an entry",
                   "swap the FFN entries with `block:` instead")
     for name in model.shared:
-        if name not in names:
+        if name not in x.names:
             probs.add(f"shared block '{name}' is never placed", "model.shared",
                       "a shared block must appear in the schedule", "place it or remove it")
 
-    # 5. entries with per-entry field overrides applied
-    entries: list[Entry] = []
+
+def _entries(x: _Expansion) -> None:
+    """Step 5: the sub-layers, per-entry field overrides applied, FFNs added (HF counting)."""
+    model, probs, specs, entries = x.model, x.probs, x.specs, x.entries
+    types = block_types()
     shared_specs: dict[str, tuple[int, BlockSpec]] = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(x.names):
         spec = specs[name]
-        if i in entry_over:
-            spec = _with_fields(spec, entry_over[i], i, sch.overrides, probs, model)
+        if i in x.entry_over:
+            spec = _with_fields(spec, x.entry_over[i], i, model.schedule.overrides, probs, model)
             if spec is None:
                 continue
         key = f"shared.{name}" if name in model.shared else f"layers.{len(entries)}"
@@ -345,23 +362,21 @@ def resolve_and_expand(recipe) -> Expanded:
                           "override a non-shared copy (a new name with the same kind)")
         entries.append(Entry(len(entries), i, i, name, spec.kind, types[spec.kind].role, spec,
                              key))
-        if not megatron:
-            fname = ffn_over.get(i, model.ffn)
+        if not x.megatron:
+            fname = x.ffn_over.get(i, model.ffn)
             fspec = specs[fname]
-            fkey = (f"shared.{fname}" if fname in model.shared
-                    else f"layers.{len(entries)}")
+            fkey = f"shared.{fname}" if fname in model.shared else f"layers.{len(entries)}"
             entries.append(Entry(len(entries), i, i, fname, fspec.kind, "ffn", fspec, fkey))
-    probs.raise_if_any()
 
-    rev = {n: s for s, n in symbol_table(model).items()}
-    pattern = "".join(rev.get(e.name) or types[e.kind].symbol or "?" for e in entries)
-    exp = Expanded(entries, "megatron" if megatron else "hf", pattern, names)
-    recipe._schedule = exp
-    return exp
+
+def _pattern(x: _Expansion) -> str:
+    """One symbol per sub-layer: the recipe's own symbols first, then the registered ones."""
+    types = block_types()
+    rev = {n: s for s, n in symbol_table(x.model).items()}
+    return "".join(rev.get(e.name) or types[e.kind].symbol or "?" for e in x.entries)
 
 
 def _with_fields(spec, fields, i, overrides, probs, model):
-    from composer.recipe.schema import pydantic_problems
     k = next(k for k, ov in enumerate(overrides) if ov.set and set(ov.set) & set(fields))
     try:
         new = type(spec).model_validate({**spec.model_dump(), **fields})
@@ -375,31 +390,3 @@ def _with_fields(spec, fields, i, overrides, probs, model):
         probs.add(f"bad value {value!r} at entry {i}",
                   f"model.schedule.overrides[{k}].set.{fld}", why, fix)
     return new
-
-
-RETIRED_OPS = {
-    "selective_scan": "Mamba-1 and RG-LRU now run on 'gated_linear_recurrence' (auto picks "
-                      "its 'scan' backend for them): set kernels.gated_linear_recurrence",
-}
-"""Op names recipes may still carry from earlier versions -> what replaced them."""
-
-
-def _check_kernels(kernels: dict[str, str], probs: _Problems) -> None:
-    table = ops()
-    for op, choice in kernels.items():
-        if op not in table:
-            probs.add(f"unknown op '{op}'", f"kernels.{op}",
-                      f"ops are: {', '.join(sorted(table))}",
-                      RETIRED_OPS.get(op) or "use one of those" + did_you_mean(op, table))
-        elif choice != "auto" and choice not in table[op]:
-            valid = ["auto", *table[op]]
-            probs.add(f"unknown kernel backend '{choice}'", f"kernels.{op}",
-                      f"backends of '{op}': {', '.join(valid)}",
-                      "use one of those" + did_you_mean(choice, valid))
-
-
-def expand(recipe) -> Expanded:
-    """The expanded schedule of a validated recipe."""
-    if recipe.schedule is None:
-        raise HycompError("recipe was not validated", fix="use composer.validate_recipe")
-    return recipe.schedule

@@ -1,8 +1,9 @@
 """The recipe schema: Pydantic models for ``model``, ``data``, ``train`` and ``kernels``.
 
-Every section forbids unknown keys. :func:`validate_recipe` turns a plain dict (the composed
-Hydra config) into a :class:`Recipe`, or raises one :class:`RecipeError` listing every problem
-with its key path, bad value, reason and fix. ``hycomp schema`` prints the JSON schema.
+Pure data: every section forbids unknown keys and documents each field, and nothing here looks
+at other fields or the registries. :func:`composer.recipe.validate.validate_recipe` validates a
+plain dict against these models and then expands the schedule, which fills the private
+``ModelConfig._specs`` and ``Recipe._schedule``. ``hycomp schema`` prints the JSON schema.
 
 A recipe is data: block types are registry keys, never import paths, and nothing in a recipe is
 executed.
@@ -11,11 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator
 
 from composer.core.block import BlockSpec, Spec
-from composer.core.errors import RecipeError
-from composer.core.registry import did_you_mean
 
 # --------------------------------------------------------------------------------------------
 # Schedule
@@ -232,123 +231,3 @@ class Recipe(Spec):
     def schedule(self):
         """The expanded schedule (:class:`composer.recipe.schedule.Expanded`)."""
         return self._schedule
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
-        # deferred import: schedule imports this module
-        from composer.recipe.schedule import resolve_and_expand
-        resolve_and_expand(self)
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# Validation entry point and error rendering
-# --------------------------------------------------------------------------------------------
-def schema_fields(path: list[str], base: dict) -> list[str] | None:
-    """Keys the schema allows under ``path`` (None: any key, as under ``model.blocks``).
-
-    Under ``model.blocks.<name>`` the fields are those of the block's spec, its kind read from
-    ``base`` (a composed recipe dict; the name itself when absent)."""
-    from composer.core.registry import block_types
-    node: Any = Recipe
-    for i, part in enumerate(path):
-        if node is None:  # a free dict (blocks, symbols, kernels): any key
-            if path[i - 1:i] == ["blocks"] and path[:1] == ["model"]:
-                raw = ((base.get("model") or {}).get("blocks") or {}).get(part) or {}
-                kind = raw.get("kind", part) if isinstance(raw, dict) else part
-                bt = block_types().get(kind)
-                node = bt.spec if bt else None
-                if node is None:
-                    return None
-                continue
-            return []
-        fields = getattr(node, "model_fields", None)
-        if fields is None or part not in fields:
-            return []
-        node = _model_in(fields[part].annotation)
-        if node is None and not _is_dict(fields[part].annotation):
-            return []
-    if node is None:
-        return None
-    return list(getattr(node, "model_fields", {}))
-
-
-def _is_dict(ann: Any) -> bool:
-    from typing import get_origin
-    return get_origin(ann) is dict
-
-
-def _model_in(ann: Any):
-    from typing import get_args
-    if isinstance(ann, type) and issubclass(ann, Spec):
-        return ann
-    for a in get_args(ann):
-        m = _model_in(a)
-        if m is not None:
-            return m
-    return None
-
-
-def _loc_str(loc: tuple) -> str:
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out
-
-
-def pydantic_problems(err: ValidationError, prefix: tuple = (),
-                      fields_of=None) -> list[RecipeError]:
-    """One :class:`RecipeError` per Pydantic error, with key path and a fix."""
-    probs = []
-    for e in err.errors():
-        loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
-        where = _loc_str(loc)
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            key = loc[-1]
-            valid = (fields_of(loc[:-1]) if fields_of else schema_fields(list(loc[:-1]), {})
-                     or [])
-            probs.append(RecipeError(
-                what=f"unknown key '{key}'", where=where,
-                why=f"{_loc_str(loc[:-1]) or 'the recipe'} has no field '{key}'"
-                    + (f"; its fields are: {', '.join(valid)}" if valid else ""),
-                fix=("remove it or fix the spelling" + did_you_mean(key, valid))))
-        elif e["type"] == "missing":
-            probs.append(RecipeError(what=f"missing required key '{loc[-1]}'", where=where,
-                                     why=e["msg"], fix=f"set {where}"))
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            probs.append(RecipeError(what=f"bad value {_short(value)}", where=where, why=msg,
-                                     fix=_fix_for(e)))
-    return probs
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
-
-
-def _fix_for(e: dict) -> str:
-    ctx = e.get("ctx") or {}
-    t = e["type"]
-    if t == "literal_error":
-        return f"use one of {ctx.get('expected')}"
-    if t in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
-        return "use a value " + e["msg"].lower().removeprefix("input should be ")
-    if t.endswith("_parsing") or t.endswith("_type"):
-        return "give a value of that type"
-    return "change the value as the reason says"
-
-
-def validate_recipe(data: dict) -> Recipe:
-    """Validate a plain-dict recipe; raise one :class:`RecipeError` listing every problem."""
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as err:
-        raise bundle(pydantic_problems(err)) from None
-
-
-def bundle(probs: list[RecipeError]) -> RecipeError:
-    if len(probs) == 1:
-        return probs[0]
-    return RecipeError(what=f"{len(probs)} problems in the recipe", problems=probs)

@@ -19,7 +19,7 @@ from composer.core.errors import HycompError
 
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
 def hydra_train(cfg: DictConfig) -> float | None:
-    from composer.recipe.schema import validate_recipe
+    from composer.recipe.validate import validate_recipe
     from composer.run.train import run
     try:
         recipe = validate_recipe(OmegaConf.to_container(cfg, resolve=True))

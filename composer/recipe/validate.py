@@ -1,0 +1,48 @@
+"""Validation: a plain dict (the composed Hydra config) in, a :class:`Recipe` out, or one
+:class:`RecipeError` listing every problem with its key path, bad value, reason and fix.
+
+Three passes: the schema (field types and ranges, unknown keys), the kernel choices against the
+registered backends, then the schedule expansion with every block's own spec
+(:func:`composer.recipe.schedule.expand_schedule`). The expansion is stored on the recipe
+(``recipe.schedule``), which the build reads.
+"""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from composer.core.registry import did_you_mean, ops
+from composer.recipe.problems import Problems, bundle, pydantic_problems
+from composer.recipe.schedule import expand_schedule
+from composer.recipe.schema import Recipe
+
+RETIRED_OPS = {
+    "selective_scan": "Mamba-1 and RG-LRU now run on 'gated_linear_recurrence' (auto picks "
+                      "its 'scan' backend for them): set kernels.gated_linear_recurrence",
+}
+"""Op names recipes may still carry from earlier versions -> what replaced them."""
+
+
+def validate_recipe(data: dict) -> Recipe:
+    """Validate a plain-dict recipe; raise one :class:`RecipeError` listing every problem."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise bundle(pydantic_problems(err)) from None
+    probs = Problems()
+    _check_kernels(recipe.kernels, probs)
+    recipe._schedule = expand_schedule(recipe.model, probs)
+    return recipe
+
+
+def _check_kernels(kernels: dict[str, str], probs: Problems) -> None:
+    table = ops()
+    for op, choice in kernels.items():
+        if op not in table:
+            probs.add(f"unknown op '{op}'", f"kernels.{op}",
+                      f"ops are: {', '.join(sorted(table))}",
+                      RETIRED_OPS.get(op) or "use one of those" + did_you_mean(op, table))
+        elif choice != "auto" and choice not in table[op]:
+            valid = ["auto", *table[op]]
+            probs.add(f"unknown kernel backend '{choice}'", f"kernels.{op}",
+                      f"backends of '{op}': {', '.join(valid)}",
+                      "use one of those" + did_you_mean(choice, valid))
