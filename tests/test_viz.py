@@ -7,9 +7,10 @@ import xml.etree.ElementTree as ET
 import pytest
 
 import composer
-from composer.viz import draw as viz
+from composer import viz
 from composer.core.errors import HycompError
-from composer.build.graph import execution_order, totals
+from composer.build.costs import totals
+from composer.build.graph import execution_order
 
 T = 256
 SMALL = ["model.d_model=32"]

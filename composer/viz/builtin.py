@@ -18,8 +18,9 @@ from matplotlib import rc_context
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from composer.build.graph import execution_order
-from composer.viz.draw import (columns, drawn_edges, human, kind_colour, kind_label, label_lines,
-                          node_notes, summary)
+from composer.viz.labels import (columns, drawn_edges, human, kind_colour, kind_label,
+                                 label_lines, node_notes)
+from composer.viz.text import summary
 
 W, G, BH, P, M = 2.5, 0.8, 0.46, 0.66, 0.35  # box width, gutter, box height, row pitch, margin
 PAD = 0.06             # inner padding of a box (inches)
