@@ -6,7 +6,8 @@ import torch
 import composer
 from composer.cli.main import check_report
 from composer.recipe.compose import group_options
-from composer.build.graph import execution_order, totals
+from composer.build.costs import totals
+from composer.build.graph import execution_order
 
 from conftest import rel_err
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import composer  # noqa: E402
-from composer.build.graph import totals  # noqa: E402
+from composer.build.costs import totals  # noqa: E402
 from composer.core.registry import block_types  # noqa: E402
 
 D, L, V, FF = 256, 4, 256, 704
