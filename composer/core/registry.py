@@ -157,7 +157,6 @@ class Backend:
 
 _OPS: dict[str, dict[str, Backend]] = {}
 _OP_DOCS: dict[str, str] = {}
-BACKEND_CHOICES = ("auto",)  # plus every registered backend name
 
 
 def register_op(op: str, doc: str) -> None:
@@ -212,10 +211,6 @@ def ops() -> dict[str, dict[str, Backend]]:
 def op_doc(op: str) -> str:
     load_plugins()
     return _OP_DOCS[op]
-
-
-def backend_names() -> set[str]:
-    return {name for backends in ops().values() for name in backends}
 
 
 def resolve_backend(op: str, choice: str, device: torch.device, dtype: torch.dtype,
