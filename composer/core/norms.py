@@ -7,8 +7,7 @@ Normalised in at least float32 and cast back to x's dtype (the Gemma 3 / Qwen3-N
 convention). Autograd through the composite (square, mean, rsqrt, two products) spends about ten
 passes over x in forward + backward and a zero-filled buffer per product; this one spends six:
 forward x̂ = x·r and y = x̂·w; backward dw = Σ g·x̂ and dx = r·(g·w − x̂·mean(g·w·x̂)).
-Measured here (2 CPU threads, (1, T, 256) fp32, forward + backward): T = 2048 1.44 → 1.05 ms,
-T = 8192 8.3 → 5.4 ms against ``torch.nn.RMSNorm``.
+Timings: docs/design.md, "RMSNorm and RoPE with hand-written backwards".
 """
 from __future__ import annotations
 

@@ -2,11 +2,10 @@
 
 :func:`tune_cpu_allocator`: glibc's malloc serves blocks above a threshold (at most 32 MiB) with
 fresh ``mmap`` calls and returns them to the kernel on free, so every large activation of every
-step is page-faulted and zeroed again. At long sequence lengths that dominates a step: measured
-here (2 cores, d_model 256, 4 Mamba-2 layers, T=16384) 2.37 million page faults and 8.4 s per
-step, against 8 thousand faults and 4.0 s with the allocator told to keep freed memory
-(``M_MMAP_MAX=0``: no mmap for large blocks; a high ``M_TRIM_THRESHOLD``: no trimming). The
-price is that the process keeps its peak heap until it exits, which suits a training run. The
+step is page-faulted and zeroed again, which dominates a step at long sequence lengths
+(numbers: docs/design.md, "Keeping freed memory in glibc's malloc"). So the allocator is told to
+keep freed memory (``M_MMAP_MAX=0``: no mmap for large blocks; a high ``M_TRIM_THRESHOLD``: no
+trimming). The price is that the process keeps its peak heap until it exits, which suits a training run. The
 PyTorch CPU performance guide recommends jemalloc or tcmalloc for the same reason; this needs
 no extra library. Set ``HYCOMP_MALLOC_TUNING=0`` to leave the allocator alone.
 """
