@@ -134,64 +134,75 @@ def _expand_form(form_cfg, depth: int | None, symbols: dict[str, str], where: st
         return []
     form = given[0]
     if form == "ratio":
-        text = form_cfg.ratio
-        if not re.fullmatch(r"\s*\d+(\s*:\s*\d+)*\s*", text):
-            probs.add(f"bad ratio '{text}'", f"{where}.ratio",
-                      "ratio parts are non-negative integers separated by ':'",
-                      "write it like '3:1' or '2:1:1'")
-            return []
-        parts = [int(p) for p in text.split(":")]
-        if sum(parts) <= 0:
-            probs.add(f"bad ratio '{text}'", f"{where}.ratio", "the parts sum to zero",
-                      "give at least one positive part")
-            return []
-        names = form_cfg.blocks
-        if not names:
-            probs.add("ratio without blocks", f"{where}.blocks",
-                      "a ratio needs the block names its parts refer to",
-                      f"set {where}.blocks=[mamba2,attention] (one name per part)")
-            return []
-        if len(names) != len(parts):
-            probs.add(f"{len(parts)} ratio parts for {len(names)} blocks", f"{where}.ratio",
-                      f"ratio '{text}' has {len(parts)} parts but blocks {names} has "
-                      f"{len(names)} names", "give one part per block name")
-            return []
-        if depth is None:
-            probs.add("ratio without depth", where.rsplit(".schedule", 1)[0] + ".n_layers"
-                      if ".schedule" in where else f"{where}.n_layers",
-                      "a ratio says how to mix blocks, not how many layers",
-                      "set model.n_layers")
-            return []
-        if form_cfg.placement == "even":
-            return place_even(names, parts, depth)
-        if form_cfg.offset is not None and form_cfg.offset >= sum(parts):
-            probs.add(f"offset {form_cfg.offset} outside the unit", f"{where}.offset",
-                      f"the repeating unit of ratio '{text}' has {sum(parts)} layers",
-                      f"use an offset below {sum(parts)}")
-            return []
-        return place_period(names, parts, depth, form_cfg.offset)
+        return _ratio_names(form_cfg, depth, where, probs)
     if form == "pattern":
-        text = form_cfg.pattern.replace("|", "").replace(" ", "")
-        if not text:
-            probs.add("empty pattern", f"{where}.pattern", "a pattern needs one symbol per entry",
-                      "e.g. 'M-M-M*-'")
-            return []
-        bad = [(i, c) for i, c in enumerate(text) if c not in symbols]
-        if bad:
-            i, c = bad[0]
-            known = ", ".join(f"{s} ({n})" for s, n in symbols.items())
-            probs.add(f"unknown pattern symbol '{c}' at position {i}", f"{where}.pattern",
-                      f"known symbols: {known}",
-                      f"use a known symbol, or map it: model.symbols.{c}=<block name>")
-            return []
-        names = [symbols[c] for c in text]
-        return _to_depth(names, depth, f"{where}.pattern", "pattern", probs, repeat=True)
+        return _pattern_names(form_cfg.pattern, depth, symbols, where, probs)
     names = list(form_cfg.layers)
     if not names:
         probs.add("empty layer list", f"{where}.layers", "the list needs at least one entry",
                   "list a block name per entry")
         return []
     return _to_depth(names, depth, f"{where}.layers", "list", probs, repeat=False)
+
+
+def _ratio_names(form_cfg, depth: int | None, where: str, probs: Problems) -> list[str]:
+    """A ratio over block names laid out by its placement (``even`` or ``period``)."""
+    text = form_cfg.ratio
+    if not re.fullmatch(r"\s*\d+(\s*:\s*\d+)*\s*", text):
+        probs.add(f"bad ratio '{text}'", f"{where}.ratio",
+                  "ratio parts are non-negative integers separated by ':'",
+                  "write it like '3:1' or '2:1:1'")
+        return []
+    parts = [int(p) for p in text.split(":")]
+    if sum(parts) <= 0:
+        probs.add(f"bad ratio '{text}'", f"{where}.ratio", "the parts sum to zero",
+                  "give at least one positive part")
+        return []
+    names = form_cfg.blocks
+    if not names:
+        probs.add("ratio without blocks", f"{where}.blocks",
+                  "a ratio needs the block names its parts refer to",
+                  f"set {where}.blocks=[mamba2,attention] (one name per part)")
+        return []
+    if len(names) != len(parts):
+        probs.add(f"{len(parts)} ratio parts for {len(names)} blocks", f"{where}.ratio",
+                  f"ratio '{text}' has {len(parts)} parts but blocks {names} has "
+                  f"{len(names)} names", "give one part per block name")
+        return []
+    if depth is None:
+        probs.add("ratio without depth", where.rsplit(".schedule", 1)[0] + ".n_layers"
+                  if ".schedule" in where else f"{where}.n_layers",
+                  "a ratio says how to mix blocks, not how many layers",
+                  "set model.n_layers")
+        return []
+    if form_cfg.placement == "even":
+        return place_even(names, parts, depth)
+    if form_cfg.offset is not None and form_cfg.offset >= sum(parts):
+        probs.add(f"offset {form_cfg.offset} outside the unit", f"{where}.offset",
+                  f"the repeating unit of ratio '{text}' has {sum(parts)} layers",
+                  f"use an offset below {sum(parts)}")
+        return []
+    return place_period(names, parts, depth, form_cfg.offset)
+
+
+def _pattern_names(pattern: str, depth: int | None, symbols: dict[str, str], where: str,
+                   probs: Problems) -> list[str]:
+    """One block name per pattern symbol; a shorter pattern repeats to the depth."""
+    text = pattern.replace("|", "").replace(" ", "")
+    if not text:
+        probs.add("empty pattern", f"{where}.pattern", "a pattern needs one symbol per entry",
+                  "e.g. 'M-M-M*-'")
+        return []
+    bad = [(i, c) for i, c in enumerate(text) if c not in symbols]
+    if bad:
+        i, c = bad[0]
+        known = ", ".join(f"{s} ({n})" for s, n in symbols.items())
+        probs.add(f"unknown pattern symbol '{c}' at position {i}", f"{where}.pattern",
+                  f"known symbols: {known}",
+                  f"use a known symbol, or map it: model.symbols.{c}=<block name>")
+        return []
+    names = [symbols[c] for c in text]
+    return _to_depth(names, depth, f"{where}.pattern", "pattern", probs, repeat=True)
 
 
 def _to_depth(names, depth, where, what, probs, repeat):
