@@ -32,7 +32,9 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +165,8 @@ def check_resumable(recipe, saved: dict, ckpt: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_sets(flag: dict):
-    """While active, the first SIGINT sets ``flag["stop"]`` instead of raising; the handler
+def _sigint_sets(state):
+    """While active, the first SIGINT sets ``state.interrupted`` instead of raising; the handler
     then steps aside so a second one raises ``KeyboardInterrupt`` at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -174,7 +176,7 @@ def _sigint_sets(flag: dict):
         previous = signal.default_int_handler
 
     def handler(signum, frame):
-        flag["stop"] = True
+        state.interrupted = True
         signal.signal(signal.SIGINT, previous)
         print("\ninterrupt: finishing this step, then writing a checkpoint "
               "(Ctrl-C again to stop at once)", file=sys.stderr)
@@ -186,28 +188,83 @@ def _sigint_sets(flag: dict):
         signal.signal(signal.SIGINT, previous)
 
 
-def run(recipe, run_dir: Path) -> dict:
-    """Train ``recipe`` in ``run_dir`` (or continue ``train.resume``); return the summary
-    (also written to ``summary.json``): steps, tokens, train_loss, val_loss (nats), val_bpb,
-    unigram_bpb, best_val_loss, tokens_per_s, wall_s, params, device, run_dir."""
+# The TrainState fields a checkpoint's trainer.json records and a resume restores, in the order
+# they are written.
+_TRAINER_FIELDS = ("step", "tokens", "elapsed", "train_loss", "val_loss", "val_step",
+                   "best_val_loss")
+
+
+@dataclass
+class TrainState:
+    """One training session: what :func:`_setup` builds, and what the steps of :func:`run` read
+    and change."""
+    recipe: Any
+    run_dir: Path
+    metrics: Path                      # run_dir / metrics.jsonl
+    device: torch.device
+    train: torch.Tensor                # training bytes
+    val_batches: list                  # fixed validation batches
+    unigram_bpb: float
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    params: list                       # every parameter the optimizer updates (for clipping)
+    n_params: int
+    gen: torch.Generator               # draws the training batches
+    t0: float                          # perf_counter at the start of this session
+    # Progress, saved in trainer.json (_TRAINER_FIELDS); elapsed: wall seconds over all sessions.
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_step: int | None = None
+    best_val_loss: float | None = None
+    # This session only.
+    elapsed0: float = 0.0              # elapsed when this session started
+    train_time: float = 0.0            # seconds inside optimizer steps
+    session_tokens: int = 0
+    tokens_per_s: float = 0.0          # session_tokens / train_time after the last step
+    saved_step: int | None = None      # step of the newest checkpoint written or resumed from
+    snapshot: dict = field(default_factory=dict)  # RNG states as of the last completed step
+    updating: bool = False             # inside an optimizer update: nothing consistent to save
+    interrupted: bool = False          # set by the first Ctrl-C (_sigint_sets)
+    bar: Any = None                    # the tqdm progress bar
+
+    @property
+    def cfg(self):
+        return self.recipe.train
+
+    def due(self, every: int) -> bool:
+        """Whether a cadence of ``every`` steps fires at this step (the last step always does)."""
+        return self.step % every == 0 or self.step == self.cfg.steps
+
+
+def _run_folder(recipe, run_dir) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume or None): ``train.resume``'s folder and its latest
+    checkpoint, which must fit the recipe; otherwise ``run_dir``, which must hold none."""
+    if recipe.train.resume:
+        run_dir = Path(recipe.train.resume)
+        ckpt = latest_checkpoint(run_dir)
+        check_resumable(recipe, read_recipe(ckpt), ckpt)
+        return run_dir, ckpt
+    run_dir = Path(run_dir)
+    if any((run_dir / CKPT_DIR).glob("step_*")):
+        raise CheckpointError(what="the run folder already holds checkpoints",
+                              where=str(run_dir), why="a new run would mix with them",
+                              fix=f"continue it with train.resume={run_dir}, or train "
+                                  "into a new folder")
+    return run_dir, None
+
+
+def _setup(recipe, run_dir) -> TrainState:
+    """Run folder, device, threads, data, seeded model and optimizer, then either the resumed
+    checkpoint or a fresh metrics.jsonl (its first row: the unigram baseline); opens the bar."""
     import composer
 
     t0 = time.perf_counter()
     cfg, seq_len = recipe.train, recipe.data.seq_len
-    ckpt = None
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        ckpt = latest_checkpoint(run_dir)
-        check_resumable(recipe, read_recipe(ckpt), ckpt)
-    else:
-        run_dir = Path(run_dir)
-        if any((run_dir / CKPT_DIR).glob("step_*")):
-            raise CheckpointError(what="the run folder already holds checkpoints",
-                                  where=str(run_dir), why="a new run would mix with them",
-                                  fix=f"continue it with train.resume={run_dir}, or train "
-                                      "into a new folder")
+    run_dir, ckpt = _run_folder(recipe, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = run_dir / "metrics.jsonl"
     device = pick_device(cfg.device)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -221,122 +278,166 @@ def run(recipe, run_dir: Path) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = composer.build_model(recipe).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    st = {"step": 0, "tokens": 0, "elapsed": 0.0, "train_loss": None, "val_loss": None,
-          "val_step": None, "best_val_loss": None}
+    st = TrainState(recipe=recipe, run_dir=run_dir, metrics=run_dir / "metrics.jsonl",
+                    device=device, train=train, val_batches=val_batches,
+                    unigram_bpb=uni, model=model, opt=opt,
+                    params=[p for g in opt.param_groups for p in g["params"]],
+                    n_params=sum(p.numel() for p in model.parameters()),
+                    gen=torch.Generator().manual_seed(cfg.seed), t0=t0)
     if ckpt is not None:
-        loaded = load_checkpoint(ckpt, model, opt)
-        st.update({k: loaded["trainer"][k] for k in st if k in loaded["trainer"]})
-        rng = loaded["rng"]
-        if not {"batches", "torch"} <= set(rng):
-            raise CheckpointError(what="checkpoint lacks the RNG states", where=str(ckpt),
-                                  why=f"optim.safetensors holds rng.{sorted(rng)}",
-                                  fix="start a new run (train.resume=null)")
-        gen.set_state(rng["batches"])
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in read_metrics(metrics)
-                                           if r.get("step", 0) <= st["step"]))
+        _resume(st, ckpt)
     else:
-        metrics.write_text(json.dumps({"step": 0, "unigram_bpb": uni,
-                                       "train_bytes": train.numel(),
-                                       "val_bytes": val.numel(), "params": n_params}) + "\n")
+        st.metrics.write_text(json.dumps({"step": 0, "unigram_bpb": st.unigram_bpb,
+                                          "train_bytes": train.numel(),
+                                          "val_bytes": val.numel(), "params": st.n_params})
+                              + "\n")
+    st.elapsed0 = st.elapsed
+    st.snapshot = _rng_states(st)
+    st.bar = tqdm(total=cfg.steps, initial=min(st.step, cfg.steps), disable=not cfg.progress,
+                  file=sys.stderr, unit="step", dynamic_ncols=True)
+    return st
 
-    def rng_now() -> dict[str, torch.Tensor]:
-        out = {"batches": gen.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            out["cuda"] = torch.cuda.get_rng_state(device)
-        return out
 
-    elapsed0 = st["elapsed"]
-    dump = recipe.model_dump(mode="json")
+def _resume(st: TrainState, ckpt: Path) -> None:
+    """Load weights, AdamW moments, progress and RNG states from ``ckpt``; drop the metrics rows
+    written after its step."""
+    loaded = load_checkpoint(ckpt, st.model, st.opt)
+    for k in _TRAINER_FIELDS:
+        if k in loaded["trainer"]:
+            setattr(st, k, loaded["trainer"][k])
+    rng = loaded["rng"]
+    if not {"batches", "torch"} <= set(rng):
+        raise CheckpointError(what="checkpoint lacks the RNG states", where=str(ckpt),
+                              why=f"optim.safetensors holds rng.{sorted(rng)}",
+                              fix="start a new run (train.resume=null)")
+    st.gen.set_state(rng["batches"])
+    torch.set_rng_state(rng["torch"])
+    if st.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], st.device)
+    write_text_atomic(st.metrics, "".join(json.dumps(r) + "\n" for r in read_metrics(st.metrics)
+                                          if r.get("step", 0) <= st.step))
+    st.saved_step = st.step
 
-    def save(snapshot) -> None:
-        st["elapsed"] = elapsed0 + time.perf_counter() - t0
-        save_checkpoint(run_dir, st["step"], model, opt, dict(st), dump, snapshot,
-                        keep=cfg.keep_checkpoints)
 
-    def validate() -> None:
-        st["val_loss"] = evaluate(model, val_batches, device, cfg.dtype)
-        st["val_step"] = st["step"]
-        if st["best_val_loss"] is None or st["val_loss"] < st["best_val_loss"]:
-            st["best_val_loss"] = st["val_loss"]
-        _append(metrics, {"step": st["step"], "val_loss": st["val_loss"],
-                          "val_bpb": st["val_loss"] * BITS_PER_NAT})
+def _rng_states(st: TrainState) -> dict[str, torch.Tensor]:
+    out = {"batches": st.gen.get_state(), "torch": torch.get_rng_state()}
+    if st.device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(st.device)
+    return out
 
+
+def _train_step(st: TrainState) -> None:
+    """One optimizer step at ``lr_at(step)``; advance the bar; a train row every ``log_every``."""
+    cfg, seq_len = st.cfg, st.recipe.data.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
-    saved_step = st["step"] if ckpt is not None else None
-    snapshot, updating, stop = rng_now(), False, {"stop": False}
-    train_time, session_tokens = 0.0, 0
-    bar = tqdm(total=cfg.steps, initial=min(st["step"], cfg.steps), disable=not cfg.progress,
-               file=sys.stderr, unit="step", dynamic_ncols=True)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    try:
-        with _sigint_sets(stop):
-            while st["step"] < cfg.steps:
-                if stop["stop"]:
-                    raise KeyboardInterrupt
-                t = time.perf_counter()
-                lr = lr_at(st["step"], cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                loss, grad_norm = _gradients(model, params, train, gen, cfg, seq_len, device)
-                updating = True
-                opt.step()
-                st["step"] += 1
-                st["tokens"] += tokens_per_step
-                st["train_loss"] = loss
-                snapshot = rng_now()
-                updating = False
-                train_time += time.perf_counter() - t
-                session_tokens += tokens_per_step
-                tps = session_tokens / train_time
-                step = st["step"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    _append(metrics, {"step": step, "loss": loss, "lr": lr,
-                                      "grad_norm": grad_norm, "tokens": st["tokens"],
-                                      "tokens_per_s": tps,
-                                      "elapsed": elapsed0 + time.perf_counter() - t0})
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    validate()
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}",
-                                    val_bpb=f"{st['val_loss'] * BITS_PER_NAT:.3f}")
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                    save(snapshot)
-                    saved_step = step
-    except KeyboardInterrupt:
-        bar.close()
-        if updating:
-            print("interrupted inside an optimizer update: no checkpoint written for it",
-                  file=sys.stderr)
-        else:
-            if saved_step != st["step"]:
-                save(snapshot)
-            print(f"stopped at step {st['step']} (checkpointed); continue with "
-                  f"train.resume={run_dir}", file=sys.stderr)
-        raise
-    bar.close()
-    if st["val_step"] != st["step"]:
-        validate()
-    if saved_step != st["step"]:
-        save(snapshot)
+    t = time.perf_counter()
+    lr = lr_at(st.step, cfg)
+    for g in st.opt.param_groups:
+        g["lr"] = lr
+    loss, grad_norm = _gradients(st.model, st.params, st.train, st.gen, cfg, seq_len, st.device)
+    st.updating = True
+    st.opt.step()
+    st.step += 1
+    st.tokens += tokens_per_step
+    st.train_loss = loss
+    st.snapshot = _rng_states(st)
+    st.updating = False
+    st.train_time += time.perf_counter() - t
+    st.session_tokens += tokens_per_step
+    st.tokens_per_s = st.session_tokens / st.train_time
+    st.bar.update(1)
+    st.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.tokens_per_s:,.0f}")
+    if st.due(cfg.log_every):
+        _append(st.metrics, {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                             "tokens": st.tokens, "tokens_per_s": st.tokens_per_s,
+                             "elapsed": st.elapsed0 + time.perf_counter() - st.t0})
 
-    val_bpb = st["val_loss"] * BITS_PER_NAT
-    plot_losses(read_metrics(metrics), run_dir / "loss.png",
-                title=f"{run_dir.name}: {n_params / 1e6:.2f}M parameters")
-    summary = {"run_dir": str(run_dir), "steps": st["step"], "tokens": st["tokens"],
-               "train_loss": st["train_loss"], "val_loss": st["val_loss"], "val_bpb": val_bpb,
-               "unigram_bpb": uni, "best_val_loss": st["best_val_loss"],
-               "tokens_per_s": session_tokens / train_time if train_time else None,
-               "wall_s": time.perf_counter() - t0, "params": n_params, "device": str(device)}
+
+def _validate(st: TrainState) -> None:
+    st.val_loss = evaluate(st.model, st.val_batches, st.device, st.cfg.dtype)
+    st.val_step = st.step
+    if st.best_val_loss is None or st.val_loss < st.best_val_loss:
+        st.best_val_loss = st.val_loss
+    _append(st.metrics, {"step": st.step, "val_loss": st.val_loss,
+                         "val_bpb": st.val_loss * BITS_PER_NAT})
+
+
+def _maybe_evaluate(st: TrainState) -> None:
+    if st.due(st.cfg.eval_every):
+        _validate(st)
+        st.bar.set_postfix(loss=f"{st.train_loss:.3f}", tok_s=f"{st.tokens_per_s:,.0f}",
+                           val_bpb=f"{st.val_loss * BITS_PER_NAT:.3f}")
+
+
+def _save(st: TrainState) -> None:
+    """Checkpoint this step with the RNG states as of its end."""
+    st.elapsed = st.elapsed0 + time.perf_counter() - st.t0
+    save_checkpoint(st.run_dir, st.step, st.model, st.opt,
+                    {k: getattr(st, k) for k in _TRAINER_FIELDS},
+                    st.recipe.model_dump(mode="json"), st.snapshot, keep=st.cfg.keep_checkpoints)
+    st.saved_step = st.step
+
+
+def _maybe_checkpoint(st: TrainState) -> None:
+    if st.due(st.cfg.ckpt_every):
+        _save(st)
+
+
+def _on_interrupt(st: TrainState) -> None:
+    """Checkpoint the last completed step unless the interrupt landed inside an update."""
+    st.bar.close()
+    if st.updating:
+        print("interrupted inside an optimizer update: no checkpoint written for it",
+              file=sys.stderr)
+    else:
+        if st.saved_step != st.step:
+            _save(st)
+        print(f"stopped at step {st.step} (checkpointed); continue with "
+              f"train.resume={st.run_dir}", file=sys.stderr)
+
+
+def _finish(st: TrainState) -> dict:
+    """Validate and checkpoint the last step if not done yet; write loss.png and summary.json;
+    print the verdict against the unigram baseline. Returns the summary."""
+    st.bar.close()
+    if st.val_step != st.step:
+        _validate(st)
+    if st.saved_step != st.step:
+        _save(st)
+
+    run_dir, uni = st.run_dir, st.unigram_bpb
+    val_bpb = st.val_loss * BITS_PER_NAT
+    plot_losses(read_metrics(st.metrics), run_dir / "loss.png",
+                title=f"{run_dir.name}: {st.n_params / 1e6:.2f}M parameters")
+    summary = {"run_dir": str(run_dir), "steps": st.step, "tokens": st.tokens,
+               "train_loss": st.train_loss, "val_loss": st.val_loss, "val_bpb": val_bpb,
+               "unigram_bpb": uni, "best_val_loss": st.best_val_loss,
+               "tokens_per_s": st.session_tokens / st.train_time if st.train_time else None,
+               "wall_s": time.perf_counter() - st.t0, "params": st.n_params,
+               "device": str(st.device)}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     verdict = "below" if val_bpb < uni else "NOT below"
-    print(f"step {st['step']}: validation {val_bpb:.3f} bits/byte, {verdict} the unigram "
+    print(f"step {st.step}: validation {val_bpb:.3f} bits/byte, {verdict} the unigram "
           f"baseline {uni:.3f}; run folder {run_dir}")
     return summary
+
+
+def run(recipe, run_dir: Path) -> dict:
+    """Train ``recipe`` in ``run_dir`` (or continue ``train.resume``); return the summary
+    (also written to ``summary.json``): steps, tokens, train_loss, val_loss (nats), val_bpb,
+    unigram_bpb, best_val_loss, tokens_per_s, wall_s, params, device, run_dir."""
+    st = _setup(recipe, run_dir)
+    try:
+        with _sigint_sets(st):
+            while st.step < st.cfg.steps:
+                if st.interrupted:
+                    raise KeyboardInterrupt
+                _train_step(st)
+                _maybe_evaluate(st)
+                _maybe_checkpoint(st)
+    except KeyboardInterrupt:
+        _on_interrupt(st)
+        raise
+    return _finish(st)
