@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from composer.run.runtime import tune_cpu_allocator
-    tuned = tune_cpu_allocator()  # for both sides alike (see composer/runtime.py)
+    tuned = tune_cpu_allocator()  # for both sides alike (see composer/run/runtime.py)
     have = block_types()
     rows, scaling, gflops = [], [], []
     peak = matmul_gflops()
@@ -339,7 +339,7 @@ def render(st: dict) -> str:
              f"batch 1, fp32, d_model {D}, {L} layers, vocab {V}; hycomp and HF timed "
              f"interleaved in one process; glibc allocator tuning "
              f"{'on' if st['tuned'] else 'off'} for the whole process, so for both sides: "
-             "`composer/runtime.py`). Raw numbers: `docs/benchmarks.json`.", ""]
+             "`composer/run/runtime.py`). Raw numbers: `docs/benchmarks.json`.", ""]
     lines += targets(st)
     lines += ["## Tokens per second, hycomp vs Hugging Face", "",
              "| model | T | hycomp tok/s | HF tok/s | hycomp / HF |", "|---|---|---|---|---|"]
@@ -353,7 +353,7 @@ def render(st: dict) -> str:
               "what `auto` runs (forward + backward of one layer's op)", "",
               "Pure PyTorch: the backend `auto` picks among those written in PyTorch alone; "
               "`auto` may instead pick compiled code (`native`: C built on first use, "
-              "`blocks/ops/native.py`). `auto`'s matmuls: the self time of its matrix "
+              "`blocks/ops/recurrence/native.py`). `auto`'s matmuls: the self time of its matrix "
               "products in one profiled run (profiling slows the rest, not these); reference "
               "/ that time is the most any implementation doing the same products could "
               "reach. Calls: aten ops per forward + backward.", "",
