@@ -2,6 +2,9 @@
 
 One module per block family (and one per op under ``blocks/ops``); each registers itself, so a
 new block type is one file here: this package imports every module it contains, ops first.
+``common`` holds the helpers several blocks share and registers nothing; a block module imports
+from it and from ``composer.core`` (ops are reached through ``op(name)``), never from another
+block module.
 Third-party packages register the same way through the ``hycomp.blocks`` entry-point group.
 """
 import importlib

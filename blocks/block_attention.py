@@ -9,7 +9,7 @@ as in the "chunked attention" of Llama 4's local layers. Cost O(T·b); no token 
 boundary, so the blocks exchange information only through the other layers.
 
 Projections, GQA, RoPE (absolute positions), qk-norm and output gate are those of the
-``attention`` block (:class:`blocks.attention.SoftmaxAttention`); the mask goes to
+``attention`` block (:class:`blocks.common.SoftmaxAttention`); the mask goes to
 ``op("attention")`` as ``block_size``.
 
 State: ``{"k", "v", "pos"}``, the keys and values of the current, unfinished block
@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from blocks.attention import SoftmaxAttention, SoftmaxAttentionSpec, window_problem
+from blocks.common import SoftmaxAttention, SoftmaxAttentionSpec, window_problem
 from composer.core.registry import register_block
 
 

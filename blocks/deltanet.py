@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from blocks.gated_deltanet import l2norm
-from composer.core.block import (Block, BlockSpec, accum_dtype, causal_conv, heads_problem,
-                            linear_flops)
+from blocks.common import causal_conv, heads_problem, l2norm
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.kernels import op
 from composer.core.norms import rms_norm
 from composer.core.registry import register_block

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.core.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
+from blocks.common import causal_conv, l2norm
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.kernels import op
 from composer.core.norms import rms_norm
 from composer.core.registry import register_block
@@ -80,11 +81,6 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x, z):
         work = torch.promote_types(x.dtype, torch.float32)
         return (rms_norm(x, self.weight, self.eps) * F.silu(z.to(work))).to(x.dtype)
-
-
-def l2norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(sum x^2 + eps) over the last dim (the flash-linear-attention convention)."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
 
 
 def _dims(spec: GatedDeltaNetSpec):

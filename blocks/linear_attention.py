@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.core.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
+from blocks.common import heads_problem
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.kernels import op
 from composer.core.norms import rms_norm
 from composer.core.registry import register_block

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from composer.core.block import Block, BlockSpec, accum_dtype, causal_conv, linear_flops
+from blocks.common import causal_conv
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.kernels import op
 from composer.core.registry import register_block
 

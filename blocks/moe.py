@@ -24,13 +24,13 @@ results are scattered back with ``index_add``. No sequence state.
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from blocks.mlp import MLP, MLPSpec
+from blocks.common import FeedForward, MLPSpec, balance_loss, run_grouped
 from composer.core.aux import add_aux_loss
 from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.registry import register_block
@@ -75,36 +75,6 @@ class MoESpec(BlockSpec):
         return out
 
 
-def run_grouped(x: torch.Tensor, token: torch.Tensor, which: torch.Tensor,
-                weight: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
-    """Sparse dispatch: y[n] = sum over pairs j with token_j = n of weight_j * F_{which_j}(x[n]).
-
-    x: (N, D) tokens; token, which, weight: (M,) one entry per (token, module) pair; modules:
-    position-wise blocks (``F(x (1, n, D)) -> (y, None)``). Pairs are grouped by module with a
-    stable sort, each module runs once on its own tokens, results are scattered back.
-    Returns (N, D); tokens in no pair get 0.
-    """
-    order = torch.argsort(which, stable=True)
-    token, weight = token[order], weight[order]
-    counts = torch.bincount(which, minlength=len(modules)).tolist()
-    parts = torch.split(x[token], counts)                       # per module: (n_i, D)
-    outs = [modules[i](p[None])[0][0] for i, p in enumerate(parts) if p.shape[0]]
-    y = x.new_zeros(x.shape)
-    if not outs:
-        return y
-    return y.index_add(0, token, torch.cat(outs) * weight[:, None].to(x.dtype))
-
-
-def balance_loss(probs: torch.Tensor, chosen: torch.Tensor, n: int) -> torch.Tensor:
-    """Switch load-balancing loss n * sum_i f_i P_i.
-
-    probs: (N, n) router probabilities; chosen: (N, k) indices picked per token.
-    f_i = (times i was picked) / N (no gradient), P_i = mean router probability of i.
-    """
-    f = torch.bincount(chosen.reshape(-1), minlength=n).to(probs.dtype) / probs.shape[0]
-    return n * (f * probs.mean(0)).sum()
-
-
 @register_block("moe", spec=MoESpec, role="ffn", symbol="E",
                 summary="mixture of SwiGLU experts, top-k router, optional shared expert")
 class MoE(Block):
@@ -113,8 +83,9 @@ class MoE(Block):
     def __init__(self, spec: MoESpec, d_model: int):
         super().__init__(spec, d_model)
         self.router = nn.Linear(d_model, spec.n_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(spec.expert, d_model) for _ in range(spec.n_experts))
-        self.shared = MLP(spec.shared_expert, d_model) if spec.shared_expert else None
+        self.experts = nn.ModuleList(FeedForward(spec.expert, d_model)
+                                     for _ in range(spec.n_experts))
+        self.shared = FeedForward(spec.shared_expert, d_model) if spec.shared_expert else None
         self.shared_gate = (nn.Linear(d_model, 1, bias=False) if spec.shared_expert_gate
                             else None)
 
@@ -153,10 +124,10 @@ class MoE(Block):
     @classmethod
     def flops_per_token(cls, spec, d_model, T):
         """Router, the k active experts and the shared expert (and its gate) only."""
-        per = MLP.flops_per_token(spec.expert, d_model, T)
+        per = FeedForward.flops_per_token(spec.expert, d_model, T)
         out = linear_flops((d_model, spec.n_experts)) + spec.top_k * per
         if spec.shared_expert is not None:
-            out += MLP.flops_per_token(spec.shared_expert, d_model, T)
+            out += FeedForward.flops_per_token(spec.shared_expert, d_model, T)
             if spec.shared_expert_gate:
                 out += linear_flops((d_model, 1))
         return out

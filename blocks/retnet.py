@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from blocks.attention import apply_rope, rope_cache
-from composer.core.block import Block, BlockSpec, accum_dtype, heads_problem, linear_flops
+from blocks.common import apply_rope, heads_problem, rope_cache
+from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.kernels import op
 from composer.core.registry import register_block
 

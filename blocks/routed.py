@@ -24,7 +24,8 @@ argmax), so the whole sequence, carried state and single-token steps route ident
 Their auxiliary remedy is kept as the training signal: in skip mode a binary cross-entropy
 pulls sigmoid(r_t) toward "t is in the top-c fraction of its sequence" (a non-causal target,
 used only in the loss), so the causal threshold learns to route about a fraction c of tokens.
-In choice mode the auxiliary loss is Switch's load balance over paths (:func:`balance_loss`).
+In choice mode the auxiliary loss is Switch's load balance over paths
+(:func:`blocks.common.balance_loss`).
 
 State of sequence-mixer paths. A path sees only the tokens routed to it, as a compacted
 subsequence per batch row: its state (recurrent state, KV cache, positions) advances on those
@@ -33,11 +34,11 @@ run on all their tokens of the batch at once.
 
 Pattern symbol ``Y`` (a fork). Role ``mixer``: in HF counting an FFN follows it.
 
-Why paths are inline specs and not recipe block names: a block sees only its own spec and
-d_model, so ``paths`` holds each path's full settings (``{kind: attention, n_heads: 4}``),
-validated against the registered spec of that kind; the sub-layer stays an ordinary node of the
-layer graph, and the paths are its submodules ``paths.0``, ``paths.1``, ... (The field is not
-called ``branches``: the schedule reads that name as a composite's list of recipe block names.)
+Paths are inline specs: a block sees only its own spec and d_model, so ``paths`` holds each
+path's full settings (``{kind: attention, n_heads: 4}``), validated against the registered spec
+of that kind; the sub-layer stays an ordinary node of the layer graph, and the paths are its
+submodules ``paths.0``, ``paths.1``, ... (The field is not called ``branches``: the schedule
+reads that name as a composite's list of recipe block names.)
 Cost: a mixer path runs once per batch row per call (rows route different tokens); FFN paths
 run once per call.
 """
@@ -51,8 +52,7 @@ import torch.nn.functional as F
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 from torch import nn
 
-from blocks.mlp import MLPSpec
-from blocks.moe import balance_loss, run_grouped
+from blocks.common import MLPSpec, balance_loss, run_grouped
 from composer.core.aux import add_aux_loss
 from composer.core.block import Block, BlockSpec, linear_flops
 from composer.core.errors import HycompError

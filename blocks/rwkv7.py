@@ -1,10 +1,9 @@
 """RWKV-7 "Goose" time mixing. Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State
 Evolution" (arXiv 2503.14456).
 
-Why version 7: it is the current RWKV, and its state update is a generalised delta rule (a
-diagonal decay plus a rank-1 in-context-learning term), so it runs on the same ``delta_rule``
-op as DeltaNet and Gated DeltaNet; RWKV-4/5/6 are plain decayed linear attention, already
-covered by the gated-recurrence families (GLA is RWKV-6's shape).
+Its state update is a generalised delta rule (a diagonal decay plus a rank-1
+in-context-learning term), so it runs on the same ``delta_rule`` op as DeltaNet and Gated
+DeltaNet.
 
 Glossary (paper -> code), per head h of N = head_dim channels, D = d_model = H N:
 x_{t-1} the previous token (token shift), mu_* the per-channel lerp weights; r receptance

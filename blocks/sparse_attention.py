@@ -9,12 +9,12 @@ sequence (``n_global``) are visible to every later query, on top of a window of 
 
 which is also StreamingLLM's "attention sinks + window" (Xiao et al. 2023): the first tokens
 collect attention mass that a plain window would have to put somewhere. Cost O(T·(w + g)).
-Why this pattern and not NSA-style top-k block selection: it is exact and static, so every
-backend computes the same set of pairs, the KV cache stays constant in size, and the banded
-kernel of ``op("attention")`` serves it with g extra keys per query.
+The pattern is exact and static: every backend computes the same set of pairs, the KV cache
+stays constant in size, and the banded kernel of ``op("attention")`` serves it with g extra
+keys per query.
 
 Projections, GQA, RoPE (absolute positions), qk-norm and output gate are those of the
-``attention`` block (:class:`blocks.attention.SoftmaxAttention`).
+``attention`` block (:class:`blocks.common.SoftmaxAttention`).
 
 State: ``{"k", "v", "kg", "vg", "pos"}``: the last w - 1 keys and values, and those of the
 first g positions (kept once seen).
@@ -25,8 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from blocks.attention import (SoftmaxAttention, SoftmaxAttentionSpec, mean_visible,
-                              window_problem)
+from blocks.common import SoftmaxAttention, SoftmaxAttentionSpec, mean_visible, window_problem
 from composer.core.registry import register_block
 
 

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import composer
-from blocks.moe import MoE, MoESpec, balance_loss
+from blocks.common import balance_loss
+from blocks.moe import MoE, MoESpec
 from composer.core.aux import collect_aux_losses
 
 from conftest import recipe_from, rel_err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blocks.attention import apply_rope, rope_cache
+from blocks.common import apply_rope, rope_cache
 from composer.core.norms import RMSNorm, rms_norm
 
 

@@ -90,24 +90,3 @@ def no_autocast(fn):
             return fn(*args, **kwargs)
     return wrapped
 
-
-def causal_conv(conv: nn.Conv1d, x: torch.Tensor,
-                prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution that continues across calls.
-
-    x (B, T, C) this call's inputs; prev (B, C, k - 1) the last k - 1 inputs before them (zeros
-    at the start). Returns the convolution (B, T, C), before any activation, and the new
-    ``prev``: the last k - 1 inputs of [prev, x].
-    """
-    seq = torch.cat([prev.to(x.dtype), x.transpose(1, 2)], dim=-1)        # (B, C, k - 1 + T)
-    keep = conv.kernel_size[0] - 1
-    return conv(seq).transpose(1, 2), seq[..., seq.shape[-1] - keep:]
-
-
-def heads_problem(d_model: int, n_heads: int, head_dim: int | None) -> list:
-    """``problems()`` entries for a width that does not split into heads (empty when it does:
-    an explicit head_dim needs no division)."""
-    if head_dim is None and d_model % n_heads:
-        return [("n_heads", n_heads, f"d_model {d_model} is not divisible by n_heads {n_heads}",
-                 "pick n_heads dividing d_model, or set head_dim")]
-    return []
