@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-import blocks.ops.attention as attn_op
-from blocks.ops.attention import attention_chunked, attention_reference, attention_sdpa
+import blocks.ops.attention._common as attn_op
+import blocks.ops.attention.sdpa as sdpa_op
+from blocks.ops.attention.chunked import attention_chunked
+from blocks.ops.attention.reference import attention_reference
+from blocks.ops.attention.sdpa import attention_sdpa
 from composer.core.kernels import use_kernels
 from composer.core.registry import block_types, resolve_backend
 
@@ -142,8 +145,8 @@ def test_global_keys_need_a_window():
 def test_auto_runs_sdpa_dense_when_short_and_banded_when_long(monkeypatch):
     assert resolve_backend("attention", "auto", torch.device("cpu"), torch.float32).name == "sdpa"
     calls = []
-    real = attn_op._chunked_windowed
-    monkeypatch.setattr(attn_op, "_chunked_windowed",
+    real = sdpa_op.banded
+    monkeypatch.setattr(sdpa_op, "banded",
                         lambda *a: calls.append(a[0].shape[2]) or real(*a))
     for T in (100, 600):
         q, k, v, _ = inputs(T, T, 2, 1, torch.float32)

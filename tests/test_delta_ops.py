@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blocks.ops.delta import delta_chunked, delta_reference
+from blocks.ops.delta.chunked import delta_chunked
+from blocks.ops.delta.reference import delta_reference
 
 from conftest import rel_err
 
@@ -138,7 +139,7 @@ def test_plain_form_gradients(monkeypatch, state, mode, gate, T, chunk, dtype):
     (checked to be the one that runs): every gradient equals the reference's, with and
     without an initial state, only the outputs in the loss (no final-state cotangent), and
     T below, at and past whole chunks."""
-    import blocks.ops.delta as d
+    import blocks.ops.delta.chunked as d
     calls = []
     monkeypatch.setattr(d._PlainDelta, "apply",
                         lambda *x, _f=d._PlainDelta.apply: calls.append(1) or _f(*x))
@@ -157,7 +158,7 @@ def test_plain_form_gradients(monkeypatch, state, mode, gate, T, chunk, dtype):
 
 def test_plain_form_only_for_scalar_decay(monkeypatch):
     """Per-channel decays and the generalised rule (a, b vectors) keep the general path."""
-    import blocks.ops.delta as d
+    import blocks.ops.delta.chunked as d
     calls = []
     monkeypatch.setattr(d._PlainDelta, "apply",
                         lambda *x, _f=d._PlainDelta.apply: calls.append(1) or _f(*x))

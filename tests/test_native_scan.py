@@ -8,8 +8,8 @@ import stat
 import pytest
 import torch
 
-from blocks.ops import native
-from blocks.ops.recurrence import recurrence_reference
+from blocks.ops.recurrence import native
+from blocks.ops.recurrence.reference import recurrence_reference
 from composer.core import kernels
 from composer.core.errors import HycompError
 from composer.core.kernels import op, use_kernels

@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from blocks.ops.attention import attention_reference, attention_sdpa
-from blocks.ops.recurrence import recurrence_chunked, recurrence_reference
+from blocks.ops.attention.reference import attention_reference
+from blocks.ops.attention.sdpa import attention_sdpa
+from blocks.ops.recurrence.chunked import recurrence_chunked
+from blocks.ops.recurrence.reference import recurrence_reference
 
 from conftest import rel_err
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from blocks.ops.recurrence import recurrence_chunked, recurrence_reference
-from blocks.ops.scan import recurrence_scan, recurrence_scan_recompute
+from blocks.ops.recurrence.chunked import recurrence_chunked
+from blocks.ops.recurrence.reference import recurrence_reference
+from blocks.ops.recurrence.scan import recurrence_scan, recurrence_scan_recompute
 
 from conftest import rel_err
 
@@ -101,7 +102,7 @@ def test_vector_gradients_every_halving_level(monkeypatch, dtype, T, chunk, gate
     16 tokens (every halving level, the 2-token blocks that skip the matmul included), T below,
     at and past a chunk, q and k shared by groups of 2 heads; every input's gradient and the
     initial state's."""
-    import blocks.ops.recurrence as rec
+    import blocks.ops.recurrence.chunked as rec
     monkeypatch.setattr(rec, "NARROW_SPAN", -1.0)      # no chunk qualifies: always halving
     q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, gate)
     args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
@@ -121,7 +122,7 @@ def test_narrow_form(monkeypatch, dtype, T, chunk, gate, per):
     that runs), vector gates (q and k shared by groups of 2 heads) and scalar gates (q and k
     per head): outputs, state and every gradient equal the reference. ``span``: log gates
     making each chunk decay by 98-100% of the limit, where the key factors reach exp(40)."""
-    from blocks.ops import recurrence as rec
+    from blocks.ops.recurrence import chunked as rec
     q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, "normal" if gate == "span" else gate)
     C = max(1, min(chunk, T))
     if gate == "span":
@@ -178,7 +179,7 @@ def test_narrow_form_with_shared_q_and_k(per):
     """The one-matmul form itself takes q and k shared by the heads of a group (the chunked
     backend sends such scalar-gate calls to the decay-matrix form instead), sums their
     gradients over the group, and equals the reference."""
-    from blocks.ops import recurrence as rec
+    from blocks.ops.recurrence import chunked as rec
     B, T, C, Hk, h, K, V = 2, 48, 16, 2, 3, 4, 5
     q, k, v, lg, s0 = vector_inputs(B, T, Hk * h, K, V, torch.float64)
     q, k = q[:, :, :Hk], k[:, :, :Hk]
@@ -205,7 +206,7 @@ def test_narrow_form_with_shared_q_and_k(per):
 def test_vector_form_choice_is_per_call():
     """One chunk decaying past NARROW_SPAN sends the whole call to the halving form, and the
     result still equals the reference."""
-    from blocks.ops import recurrence as rec
+    from blocks.ops.recurrence import chunked as rec
     q, k, v, lg, s0 = vector_inputs(1, 80, 2, 4, 3, torch.float64)
     lg = lg / 100
     lg[:, 40] = -60.0                                    # one token decaying to ~1e-26
@@ -365,8 +366,8 @@ def test_k_equals_one_prefix_sum_form(monkeypatch, dtype, T, chunk, gate, form, 
     """K = 1 with every chunk decaying at most NARROW_SPAN takes the prefix-sum form (checked
     to be the one that runs): outputs, state and every gradient equal the reference, q and k
     shared by groups of 3 heads. ``span``: each chunk decays by 98-100% of the limit."""
-    import blocks.ops.scan as scan_mod
-    from blocks.ops import recurrence as rec
+    import blocks.ops.recurrence.scan as scan_mod
+    from blocks.ops.recurrence import chunked as rec
     calls = []
     monkeypatch.setattr(scan_mod._NarrowK1, "apply",
                         lambda *a, _f=scan_mod._NarrowK1.apply: calls.append(1) or _f(*a))
@@ -391,7 +392,7 @@ def test_k_equals_one_prefix_sum_form(monkeypatch, dtype, T, chunk, gate, form, 
 def test_k_equals_one_strong_decay_takes_the_steps(monkeypatch):
     """A chunk decaying past NARROW_SPAN sends the call to the stepwise scan, which still
     equals the reference; the choice is per call."""
-    import blocks.ops.scan as scan_mod
+    import blocks.ops.recurrence.scan as scan_mod
     calls = []
     monkeypatch.setattr(scan_mod._NarrowK1, "apply",
                         lambda *a, _f=scan_mod._NarrowK1.apply: calls.append(1) or _f(*a))
@@ -407,7 +408,7 @@ def test_k_equals_one_strong_decay_takes_the_steps(monkeypatch):
 def test_scan_in_segments(monkeypatch, form):
     """Long inputs run as segments of whole chunks, the state carried between them: with a
     tiny step budget, 100 tokens in chunks of 8 make several segments (the last one short)."""
-    import blocks.ops.scan as scan_mod
+    import blocks.ops.recurrence.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
     _matches_reference(_call(recurrence_scan, chunk_size=8), args, 9)
@@ -444,7 +445,7 @@ def test_auto_picks_by_shape():
         return resolve_backend("gated_linear_recurrence", "auto", cpu, torch.float32,
                                (args, {})).name
 
-    from blocks.ops.native import unavailable
+    from blocks.ops.recurrence.native import unavailable
     assert pick(diag[:5]) == ("native" if unavailable() is None else "scan")
     assert pick(wide) == "chunked"
     # without a call to look at: the best backend taking every shape
@@ -467,7 +468,7 @@ def test_auto_picks_by_shape():
 def test_float32_inside_under_bf16_autocast(backend, form):
     """A bf16 autocast around the op (as training with dtype bf16 puts one) leaves its float32
     products alone: outputs, state and gradients equal those without autocast."""
-    from blocks.ops.native import recurrence_native, unavailable
+    from blocks.ops.recurrence.native import recurrence_native, unavailable
     if backend == "native" and unavailable():
         pytest.skip(unavailable())
     fn = {"reference": recurrence_reference, "chunked": recurrence_chunked,
@@ -493,7 +494,7 @@ def test_float32_inside_under_bf16_autocast(backend, form):
 def test_scan_recompute_matches_reference(monkeypatch, form):
     """``scan_recompute``: the same results as the reference (outputs, state, every gradient),
     over several segments, each made again in the backward."""
-    import blocks.ops.scan as scan_mod
+    import blocks.ops.recurrence.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
     _matches_reference(_call(recurrence_scan_recompute, chunk_size=8), args, 4)

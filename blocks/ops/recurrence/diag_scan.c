@@ -1,6 +1,7 @@
 /* The diagonal scan (V = 1) of gated_linear_recurrence as one loop nest per direction: the
- * `native` backend of blocks/ops/native.py, which builds this file with the system's C
- * compiler and calls it through ctypes. Plain C, no PyTorch headers (builds in about a second).
+ * `native` backend of blocks/ops/recurrence/native.py, which builds this file with the
+ * system's C compiler and calls it through ctypes. Plain C, no PyTorch headers (builds in about
+ * a second).
  *
  *   h_t[h, k] = exp(lg_t[h] * A[h, k]) * h_{t-1}[h, k] + v_t[h] * kk_t[g, k]
  *   y_t[h]    = sum_k q_t[g, k] * h_t[h, k]                     g = h / R (the head's q/k group)

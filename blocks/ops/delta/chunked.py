@@ -1,79 +1,20 @@
-"""Op ``delta_rule``: the generalised delta rule, a diagonal-plus-rank-1 state transition.
-
-Per batch b and head h, with state S (K x V, keys by values) and w_t = exp(log_w_t):
-
-    S_t = (diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T
-    o_t = S_t^T q_t                                   (includes the current token)
-
-``a`` is where the old state is read (a_t^T S_{t-1}, a value vector, taken before the decay),
-``b`` where that read is written back. ``a`` defaults to ``k``; a ``b`` with one number per
-head and token stands for that number times ``k_t`` (the plain delta rule, which the chunked
-backend runs with half the matmuls). The decay is one scalar per head or one value per key
-channel. The family:
-
-* DeltaNet (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule over
-  Sequence Length"): S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, i.e.
-  v -> beta v, b = -beta (times k), no decay.
-* Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024, "Gated Delta Networks"):
-  S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, i.e. v -> beta v,
-  b = -alpha beta (times k), log_w = log alpha (one scalar per head).
-* RWKV-7 "Goose" (Peng et al. 2025), which writes the state transposed (V x K):
-  S_t = S_{t-1}(diag(w_t) + a_t b_t^T) + v_t k_t^T; the same recurrence with a = -kappa_hat,
-  b = kappa_hat * a_icl (vectors) and log_w one value per key channel.
-
-Shapes: q, k (B, T, H, K); v (B, T, H, V); b (B, T, H) or (B, T, H, K); a None or
-(B, T, H, K); log_w None (w = 1), (B, T, H) or (B, T, H, K), every entry <= 0; state
-(B, H, K, V). Returns o (B, T, H, V) and the final state (B, H, K, V) in the dtype of ``q``;
-both backends compute in float32 (float64 for float64 inputs). Both take every form above, and
-the chunked one is exact for all of them, decays near 0 and near 1 included.
-"""
+"""``chunked`` backend of ``delta_rule``: a triangular solve and a few matmuls per chunk,
+one K x K by K x V matmul per chunk across chunks."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from blocks.ops.recurrence import (LOG2E, _bmm, _bmm_add, _excl_cumsum, _heads_first,
-                                   _rcumsum)
+from blocks.ops.common import LOG2E, bmm, bmm_add, excl_cumsum, heads_first, rcumsum
+from blocks.ops.delta import OP
 from composer.core.block import accum_dtype, no_autocast
-from composer.core.registry import register_backend, register_op
-
-OP = "delta_rule"
-register_op(OP, "S_t = (diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t "
-                "(DeltaNet, Gated DeltaNet, RWKV-7)")
+from composer.core.registry import register_backend
 
 SUB = 16
 """Sub-chunk length for per-channel decay (see ``_pairs``)."""
 SPAN = 40.0
 """Largest decay range, -sum log w, inside one sub-chunk that the factorised form takes
 (exp(40) ~ 2e17: far from overflow, even in float32)."""
-
-
-@register_backend(OP, "reference", priority=0)
-@no_autocast
-def delta_reference(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
-    """Sequential recurrence, one token at a time: the definition of truth (float64-capable).
-
-    ``chunk_size`` is accepted for a common signature and not used.
-    """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    acc = accum_dtype(q.dtype)
-    S = (torch.zeros(B, H, K, V, dtype=acc, device=q.device) if state is None
-         else state.to(acc))
-    out = []
-    steps = lambda x: [None] * T if x is None else x.to(acc).unbind(1)   # noqa: E731
-    # unbind, not k[:, t]: the backward of T selects would write T full-size gradients
-    for q_t, k_t, v_t, b_t, a_t, lw_t in zip(*(steps(x) for x in (q, k, v, b, a, log_w))):
-        a_t = k_t if a_t is None else a_t                                     # (B, H, K)
-        b_t = b_t[..., None] * k_t if b.dim() == 3 else b_t
-        read = torch.einsum("bhk,bhkv->bhv", a_t, S)                          # a_t^T S_{t-1}
-        if lw_t is not None:
-            w = lw_t.exp()                                                    # (B, H[, K])
-            S = S * (w[..., None, None] if log_w.dim() == 3 else w[..., None])
-        S = S + b_t[..., :, None] * read[..., None, :] + k_t[..., :, None] * v_t[..., None, :]
-        out.append(torch.einsum("bhk,bhkv->bhv", q_t, S))
-    o = torch.stack(out, dim=1) if out else v.new_zeros(B, 0, H, V, dtype=acc)
-    return o.to(q.dtype), S.to(q.dtype)
 
 
 def _pairs(x_rows, y_cols, L_rows, Lam, strict_rows: int):
@@ -149,9 +90,8 @@ def _solve_unit_lower(L: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 class _UnitLowerSolve(torch.autograd.Function):
     """X = (I - L)^{-1} R through the explicit inverse, so that the backward is two matmuls,
-    dR = (I - L)^{-T} dX and dL = lower(dR X^T), instead of a second triangular solve.
-    Measured here (128 systems of 64 x 64, 128 right-hand columns): LAPACK's solve took
-    3.2 ms, the inverse (a solve against I) 1.6 ms and the product 0.85 ms."""
+    dR = (I - L)^{-T} dX and dL = lower(dR X^T), instead of a second triangular solve; the
+    inverse (a solve against I) and one product also take less time than LAPACK's solve."""
 
     @staticmethod
     def forward(ctx, L, R):
@@ -192,8 +132,7 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     With a = k and b = beta k (beta one number per token) both writes share the key k, with
     value z = beta u + v, so only A_kk and A_qk are needed; with one decay per head (or none)
     that case runs :class:`_PlainDelta`, the same products with a hand-written backward
-    (DeltaNet, Gated DeltaNet: measured here, T=2048, 4 heads, K = V = 64, forward +
-    backward, 0.040 -> 0.035 s in an interleaved A/B).
+    (DeltaNet, Gated DeltaNet).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -207,7 +146,7 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     # (B, H, n, C, .) layout; padded tokens have k = v = a = b = 0 and log w = 0: they change
     # nothing
     def prep(x):
-        x = _heads_first(x if x.dim() == 4 else x[..., None], acc, pad)
+        x = heads_first(x if x.dim() == 4 else x[..., None], acc, pad)
         return x.reshape(B, H, n, C, x.shape[-1])
 
     qc, kc, vc, bc = prep(q), prep(k), prep(v), prep(b)
@@ -298,12 +237,12 @@ class _PlainDelta(torch.autograd.Function):
             Lam2_prev = F.pad(Lam2, (0, 0, 1, 0))[..., :C, :]
             g, g_prev = Lam2.exp2(), Lam2_prev.exp2()
             # decay from each token to the chunk's end, summed directly (no cancellation)
-            E = F.pad(_rcumsum(lw)[..., 1:, :], (0, 0, 0, 1)).exp()
+            E = F.pad(rcumsum(lw)[..., 1:, :], (0, 0, 0, 1)).exp()
             col = Lam2.transpose(-1, -2)
             Dq = (Lam2 - col).masked_fill_(~strict_q, float("-inf")).exp2_()
             Dk = (Lam2_prev - col).masked_fill_(~strict_k, float("-inf")).exp2_()
-        kk = _bmm(k, k.transpose(-1, -2))
-        qk = _bmm(q, k.transpose(-1, -2))
+        kk = bmm(k, k.transpose(-1, -2))
+        qk = bmm(q, k.transpose(-1, -2))
         Ak = kk * Dk
         Ak.diagonal(-1, -2, -1).copy_(kk.diagonal(-1, -2, -1))      # pairs j = i - 1
         Aq = qk * Dq
@@ -311,14 +250,14 @@ class _PlainDelta(torch.autograd.Function):
         eye = torch.eye(C, dtype=q.dtype, device=q.device).expand(Ak.shape)
         inv = torch.linalg.solve_triangular(-(Ak * b.transpose(-1, -2)), eye, upper=False,
                                             unitriangular=True)
-        rhs = torch.cat([k if g_prev is None else k * g_prev, _bmm(Ak, v)], -1)
-        WU = _bmm(inv, rhs)                                          # (.., C, K + V)
+        rhs = torch.cat([k if g_prev is None else k * g_prev, bmm(Ak, v)], -1)
+        WU = bmm(inv, rhs)                                           # (.., C, K + V)
         WZ = b * WU
         WZ[..., K:] += v
-        read = _bmm(Aq, WZ)
+        read = bmm(Aq, WZ)
         q_read = read[..., :K] + q if g is None else torch.addcmul(read[..., :K], q, g)
         kE = k if E is None else k * E
-        MN = _bmm(kE.transpose(-1, -2), WZ)                          # (.., K, K + V)
+        MN = bmm(kE.transpose(-1, -2), WZ)                           # (.., K, K + V)
         M = MN[..., :K]
         M.diagonal(0, -2, -1).add_(1.0 if g is None else g[..., -1, :])
         # across chunks: S_{c+1} = M_c S_c + N_c, the entering states kept
@@ -330,7 +269,7 @@ class _PlainDelta(torch.autograd.Function):
             S0[c] = S
             S = torch.baddbmm(Nc[c], Mc[c], S)
         S0 = S0.view(n, B, H, K, V).permute(1, 2, 0, 3, 4).contiguous()
-        o = _bmm(q_read, S0).add_(read[..., K:])
+        o = bmm(q_read, S0).add_(read[..., K:])
         ctx.save_for_backward(q, k, v, b, g, g_prev, E, Dq, Dk, kk, qk, Ak, Aq, inv, WU, WZ,
                               q_read, kE, Mc, S0)
         return o, S.view(B, H, K, V)
@@ -343,8 +282,8 @@ class _PlainDelta(torch.autograd.Function):
         B, H, n, C, K = q.shape
         decay = g is not None
         dO = dO.contiguous()
-        dq_read = _bmm(dO, S0.transpose(-1, -2))                     # (.., C, K)
-        dS0 = _bmm(q_read.transpose(-1, -2), dO)                     # (.., K, V)
+        dq_read = bmm(dO, S0.transpose(-1, -2))                      # (.., C, K)
+        dS0 = bmm(q_read.transpose(-1, -2), dO)                      # (.., K, V)
         # across chunks, backwards: dN_c is the adjoint of the state leaving chunk c
         dS0c = dS0.permute(2, 0, 1, 3, 4).reshape(n, B * H, K, -1)
         dNc = torch.empty_like(dS0c)
@@ -354,19 +293,19 @@ class _PlainDelta(torch.autograd.Function):
             dNc[c] = lam
             lam = torch.baddbmm(dS0c[c], Mc[c].transpose(-1, -2), lam)
         dN = dNc.view(n, B, H, K, -1).permute(1, 2, 0, 3, 4)
-        dMN = torch.cat([_bmm(dN, S0.transpose(-1, -2)), dN], -1)   # [dM | dN] (.., K, K + V)
-        dkE = _bmm(WZ, dMN.transpose(-1, -2))                        # (.., C, K)
-        dWZ = _bmm(kE, dMN)                                          # (.., C, K + V)
+        dMN = torch.cat([bmm(dN, S0.transpose(-1, -2)), dN], -1)    # [dM | dN] (.., K, K + V)
+        dkE = bmm(WZ, dMN.transpose(-1, -2))                         # (.., C, K)
+        dWZ = bmm(kE, dMN)                                           # (.., C, K + V)
         dread = torch.cat([dq_read, dO], -1)
-        dAq = _bmm(dread, WZ.transpose(-1, -2))                      # (.., C, C)
-        _bmm_add(dWZ, Aq.transpose(-1, -2), dread)
+        dAq = bmm(dread, WZ.transpose(-1, -2))                       # (.., C, C)
+        bmm_add(dWZ, Aq.transpose(-1, -2), dread)
         dv = dWZ[..., K:].clone()
         db = (dWZ * WU).sum(-1, keepdim=True)
-        drhs = _bmm(inv.transpose(-1, -2), dWZ.mul_(b))              # dWU, then d rhs
-        dNb = _bmm(drhs, WU.transpose(-1, -2)).tril_(-1)             # of A_k diag(b)
+        drhs = bmm(inv.transpose(-1, -2), dWZ.mul_(b))               # dWU, then d rhs
+        dNb = bmm(drhs, WU.transpose(-1, -2)).tril_(-1)              # of A_k diag(b)
         dW, dU = drhs[..., :K], drhs[..., K:]
-        dAk = _bmm(dU, v.transpose(-1, -2))
-        _bmm_add(dv, Ak.transpose(-1, -2), dU)
+        dAk = bmm(dU, v.transpose(-1, -2))
+        bmm_add(dv, Ak.transpose(-1, -2), dU)
         db += (dNb * Ak).sum(-2).unsqueeze(-1)
         dAk.addcmul_(dNb, b.transpose(-1, -2))
         dkk = dAk * Dk
@@ -392,10 +331,10 @@ class _PlainDelta(torch.autograd.Function):
             dM = dMN[..., :K]
             dLam[..., -1, :] += dM.diagonal(0, -2, -1).sum(-1, keepdim=True) * g[..., -1, :]
             dE = (dkE * k).sum(-1, keepdim=True).mul_(E)            # E_j = exp(sum_{s>j})
-            dlw = _rcumsum(dLam).add_(_excl_cumsum(dE))
-        _bmm_add(dk, dkk + dkk.transpose(-1, -2), k)                 # kk = k k^T
-        _bmm_add(dk, dqk.transpose(-1, -2), q)                       # qk = q k^T
-        _bmm_add(dq, dqk, k)
+            dlw = rcumsum(dLam).add_(excl_cumsum(dE))
+        bmm_add(dk, dkk + dkk.transpose(-1, -2), k)                  # kk = k k^T
+        bmm_add(dk, dqk.transpose(-1, -2), q)                        # qk = q k^T
+        bmm_add(dq, dqk, k)
         if decay:
             dk.addcmul_(dkE, E)
         else:

@@ -1,24 +1,21 @@
 """``native``: the diagonal scan (V = 1: Mamba-1, RG-LRU) as compiled C, for CPUs.
 
-The pure-PyTorch ``scan`` backend is bound by what eager PyTorch can do per Python-level step:
-some 16 elementwise passes per step over cache-sized tensors and ~6,000 aten calls for one
-Mamba-1 layer at T=2048 (0.055-0.074 s forward + backward here, against 0.56-0.74 s for the
-readable reference). ``torch.compile`` of its stages fuses the forward's chains well but
-splits the backward into ~190 loop nests around its reductions (measured here: 0.034 s for
-that stage alone). This backend is the loop nest one would write by hand (``diag_scan.c``):
-each block of 16 heads runs the whole sequence with its (K, 16) state in registers, exp and
-the reductions over K are 16-wide vector code, and the backward remakes each 64-step
+The pure-PyTorch ``scan`` backend is bound by what eager PyTorch can do per Python-level step
+(many elementwise passes over cache-sized tensors, thousands of aten calls per layer). This
+backend is the loop nest one would write by hand (``diag_scan.c``): each block of 16 heads
+runs the whole sequence with its (K, 16) state in registers, exp and the reductions over K
+are 16-wide vector code, and the backward remakes each 64-step
 segment's states from one kept state instead of keeping all T x H x K of them (Mamba-1 at
 T=16384, d_inner 512, d_state 16: 8 MiB kept per layer against ``scan``'s 512 MiB).
 
 The C file is built on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc``
 or ``clang``) into ``$HYCOMP_CACHE_DIR/native`` (default ``~/.cache/hycomp/native``), keyed by
 the source, the compiler and this CPU's flags, so later processes load it without building.
-It has no PyTorch headers: a build takes ~1.5 s here. A call runs its blocks on
+It has no PyTorch headers, so a build takes seconds. A call runs its blocks on
 ``torch.get_num_threads()`` threads of the OpenMP runtime PyTorch already runs on (its
 libgomp; a build without OpenMP runs them on Python threads instead, ctypes letting go of the
 GIL): threads of our own would compete with PyTorch's, which spin for a while after each of
-its ops (measured here: the forward took 8 ms after a torch op against 4 ms after none).
+its ops.
 
 Without a compiler (or with ``HYCOMP_NATIVE=0``) the backend reports itself unavailable and
 ``auto`` takes ``scan``; ``hycomp kernels`` shows why. Numbers: float32 and float64 as they are
@@ -83,7 +80,7 @@ def _cpu_flags() -> str:
 
 
 # tried in order, best first: -march=native (this CPU's vector width), 512-bit vectors where
-# it has them (x86-64; 1.2x over 256-bit here), OpenMP (the blocks run on PyTorch's own
+# it has them (x86-64; faster than 256-bit), OpenMP (the blocks run on PyTorch's own
 # OpenMP threads: see _run), glibc's vector exp for float64 (float32 has its own, exp_f32);
 # the last set is plain C
 _BASE = ["-O3", "-fno-math-errno", "-lm"]
@@ -142,7 +139,7 @@ def _build() -> Path:
         if r is not None:
             errors.append(f"{' '.join(cmd)}:\n{r.stderr.strip()[-800:]}")
         Path(tmp).unlink(missing_ok=True)
-    raise RuntimeError("the C compiler could not build blocks/ops/diag_scan.c:\n"
+    raise RuntimeError("the C compiler could not build blocks/ops/recurrence/diag_scan.c:\n"
                        + "\n".join(errors))
 
 

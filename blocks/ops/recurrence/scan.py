@@ -1,40 +1,35 @@
-"""``scan``: the backend of ``gated_linear_recurrence`` for diagonal shapes (V = 1).
+"""``scan`` and ``scan_recompute``: ``gated_linear_recurrence`` for diagonal shapes (V = 1).
 
-With one value column per head the recurrence is a set of independent scalar recurrences, one
-per (batch, head, key dim):
+With one value column per head the recurrence is independent scalar recurrences, one per
+(batch, head, key dim):
 
     h_t = a_t * h_{t-1} + v_t k_t        a_t = exp(log gate_t) in (0, 1]
     o_t = sum_k q_tk h_tk
 
-Mamba-1 (H = d_inner heads sharing B = k and C = q, K = d_state, log gate = dt_t * A) and
-RG-LRU (K = 1, scalar gates) have this shape. There is no matmul to give here: the matmul form
-of the ``chunked`` backend would spend a (C, C, K) decay tensor per head and chunk, C times the
-recurrence itself. This backend keeps the recurrence elementwise and makes it chunk-parallel:
-the sequence is cut into n chunks of L steps and every Python-level step works on all n chunks
-at once, so a pass costs L + n small steps instead of T, and each step's tensors stay in cache.
+as in Mamba-1 (H = d_inner heads sharing B = k and C = q, K = d_state, log gate = dt_t * A) and
+RG-LRU (K = 1, scalar gates). There is no matmul to give (``chunked`` would spend a (C, C, K)
+decay tensor per head and chunk, C times the recurrence itself), so the recurrence stays
+elementwise, made chunk-parallel: n chunks of L steps, every Python-level step working on all
+n chunks at once (L + n steps instead of T, each step's tensors in cache).
 
-Forward, in three stages (a "step" below is one position l in every chunk at once):
-1. L steps: each chunk's own final state from zero (the product of a chunk's gates is the exp
-   of its summed log gates, taken once);
+Forward, in three stages (a step: one position l in every chunk):
+1. L steps: each chunk's own final state from zero (its gate product: the exp of its summed
+   log gates, taken once);
 2. n steps: the state entering each chunk, carried across chunks;
 3. L steps: the states again from the entering ones, kept for the backward, and o_t.
-No gate products are ever inverted (no exp of a positive number, no division), so decays down
-to exactly 0 are fine. Each step makes its gates a_t from the log gates into one step-sized
-buffer whenever a stage needs them, rather than keeping all of them: a kept (T, H, K) tensor
-is written once and read three times from memory, which cost as much here as making a step's
-gates again while its log gates are in cache (Mamba-1, T=2048: 0.0725 s either way, interleaved
-A/B), and not keeping it halves what a call holds for its backward.
+No gate product is inverted (no exp of a positive number, no division): decays down to exactly
+0 are fine. Each stage remakes a step's gates from its log gates (in cache) into one
+step-sized buffer: keeping them, a (T, H, K) tensor written once and read three times from
+memory, is no faster, and not keeping them halves what a call holds for its backward.
 
-Backward (hand-written, :class:`_DiagonalScan`): the adjoint g_t = dL/dh_t runs the same
-recurrence backwards in time, g_t = dy_t q_t + a_{t+1} g_{t+1} (+ dL/dh_T at the end), with the
-same three stages; each step of the last stage then gives dL/dv_t = g_t . k_t,
-dL/dk_t = sum_heads g_t v_t, dL/dq_t = sum_heads dy_t h_t and dL/d(log a_t) = g_t a_t h_{t-1}
-while its tensors are in cache. Autograd therefore keeps one (T, H, K) tensor of states per
-call (besides its inputs) and no per-step graph.
+Backward (by hand, :class:`_DiagonalScan`): the adjoint g_t = dL/dh_t runs the same three
+stages backwards in time, g_t = dy_t q_t + a_{t+1} g_{t+1} (+ dL/dh_T at the end); each step
+of the last stage gives dL/dv_t = g_t . k_t, dL/dk_t = sum_heads g_t v_t,
+dL/dq_t = sum_heads dy_t h_t and dL/d(log a_t) = g_t a_t h_{t-1} while its tensors are in
+cache. Autograd keeps one (T, H, K) tensor of states per call (besides its inputs), no graph.
 
-With one key dim (K = 1, RG-LRU) and every chunk decaying at most NARROW_SPAN, a call takes
-whole-tensor prefix sums per chunk instead (:class:`_NarrowK1`): there each step's tensors
-would be too small to pay for a Python-level step.
+K = 1 (RG-LRU) with every chunk decaying at most NARROW_SPAN takes whole-tensor prefix sums
+per chunk instead (:class:`_NarrowK1`): its steps would be too small to pay for themselves.
 """
 from __future__ import annotations
 
@@ -42,14 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from blocks.ops.recurrence import LOG2E, NARROW_SPAN, OP, _decays_within, _entering
+from blocks.ops.common import LOG2E
+from blocks.ops.recurrence import OP
+from blocks.ops.recurrence._common import NARROW_SPAN, _decays_within, _entering
 from composer.core.block import accum_dtype, no_autocast
 from composer.core.registry import register_backend
 
 
 STEP_NUMBERS = 1 << 19
-"""Numbers per step tensor the scan aims at (2 MB in float32): measured here, a Mamba-1 layer
-(B = 1, 512 heads, K = 16) ran its steps several times slower once they held 8 MB."""
+"""Numbers per step tensor the scan aims at (2 MB in float32): small enough for a step's
+tensors to stay in cache, where the steps run several times faster than from memory."""
 
 
 def _diagonal_only(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
@@ -89,13 +86,11 @@ def _scan(q, k, v, log_g, state, chunk_size, A, recompute: bool):
     if log_g is None:
         log_g = v.new_zeros(B, T, H, dtype=acc)
     L = max(1, min(chunk_size, T))
-    # segments of n chunks run one after the other, so that a step's tensors, n * B * H * K
-    # numbers, stay cache-sized however long T is (at T=16384 one segment would make them
-    # 8 MB and each step memory-bound)
+    # segments of whole chunks, one after another: a step's tensors (n * B * H * K numbers)
+    # stay cache-sized however long T is
     seg = L * max(1, STEP_NUMBERS // (B * H * K))
     if K == 1 and not recompute:
-        # one key dim (RG-LRU): the prefix-sum form, where every chunk decays at most
-        # NARROW_SPAN
+        # K = 1 (RG-LRU): the prefix-sum form, where every chunk decays at most NARROW_SPAN
         lg = log_g.to(acc)
         lg = lg[..., 0] if lg.dim() == 4 else lg if A is None else lg * A.to(acc)[:, 0]
         if _decays_within(lg, L, NARROW_SPAN):
@@ -134,20 +129,15 @@ def _narrow_k1(q, k, v, lg, h0, L: int, acc):
 
 
 class _NarrowK1(torch.autograd.Function):
-    """The scan for one key dim (K = V = 1, as RG-LRU), where every chunk decays at most
-    NARROW_SPAN: whole-tensor prefix sums instead of steps. x, l (B, n, H, L) (inputs k_t v_t
-    and log gates), h0 (B, H). With b the chunk's prefix sums of l (>= -NARROW_SPAN) and h_in
-    the state entering the chunk,
+    """The scan for K = V = 1 (RG-LRU) where every chunk decays at most NARROW_SPAN: prefix sums
+    instead of steps. x, l (B, n, H, L) (inputs k_t v_t and log gates), h0 (B, H). With b the
+    chunk's prefix sums of l (>= -NARROW_SPAN) and h_in the state entering the chunk,
 
         h_i = x_i + exp(b_i) (sum_{j<i} exp(-b_j) x_j + h_in)
 
-    the pairs j = i kept out of the factors, as in the one-matmul form of the chunked backend
-    (their factors would cancel in the gate gradients only up to rounding). Chunks lie along the
-    last dim, where torch's prefix sums run twice as fast as along a middle one. The states
-    leaving the chunks run as a loop over the n chunks on (B, H) numbers (the chunked backend's
-    ``_entering``), and the backward is written by hand. Measured here (RG-LRU, 256 channels,
-    T=2048, chunks of 32, forward + backward, interleaved A/B): 0.013-0.019 s stepwise against
-    0.009 s, 1.4-2.0x over runs; autograd over the same form took 0.008-0.011 s."""
+    the pairs j = i kept out of the factors (as in :class:`.narrow._NarrowChunked`). Chunks lie
+    along the last dim, where torch's prefix sums run faster; the states across chunks run as
+    ``_entering``'s loop on (B, H) numbers; the backward is written by hand."""
 
     @staticmethod
     def forward(ctx, x, l, h0):
@@ -214,11 +204,10 @@ class _DiagonalScan(torch.autograd.Function):
     """Inputs in the working dtype: q, k (B, T, Hk, K); v (B, T, H); log_g (B, T, H) or
     (B, T, H, K), or (B, T, H) scaled by A (H, K) when ``factored``; h0 (B, H, K).
 
-    Internally heads are (Hk, R), R = H / Hk heads reading each q/k group, and tensors are
-    step-major, (L, B, n, Hk, K | 1, R | 1), so that one step is a contiguous slice. States
-    are laid out (K, R), heads last: reading h with q then reduces over a short non-inner
-    axis, which a batched (1, K) @ (K, R) product does several times faster than the (R, K)
-    layout's K-long dot products (measured here: 20 us against 100 us per step).
+    Heads are (Hk, R), R = H / Hk heads per q/k group; tensors are step-major,
+    (L, B, n, Hk, K | 1, R | 1), one step a contiguous slice. States are (K, R), heads last:
+    reading h with q is then a batched (1, K) @ (K, R) product, several times faster than the
+    (R, K) layout's K-long dot products.
     """
 
     @staticmethod
@@ -237,17 +226,14 @@ class _DiagonalScan(torch.autograd.Function):
             lgs = _steps(log_g, L).view(L, B, n, Hk, 1, R)
         total = lgs.sum(0)                                               # gates of a chunk
         total = (total * At if factored else total).exp_()
-        # the gates, made step by step (_gates) while their slice is in cache (one
-        # whole-tensor product and exp cost twice as much here: the tensor is memory-bound),
-        # as exp2(x log2 e): torch's exp2 runs 3x faster than its exp here (47 against 147 us
-        # per 2^18 numbers), and the extra rounding of x log2 e is that of forming x itself
+        # gates made step by step (_gates) while their slice is in cache, as exp2(x log2 e)
+        # (LOG2E; the extra rounding of x log2 e is that of forming x itself)
         At2 = At * LOG2E if factored else None
         h0 = h0.view(B, Hk, R, K).transpose(-1, -2)                      # (B, Hk, K, R)
         shape = (B, n, Hk, K, R)
 
-        # the steps' slices, made once (indexing in the loops cost some 3 us each), and flat
-        # (N, ., .) views for the products, which torch.bmm takes without torch.matmul's
-        # reshapes
+        # the steps' slices, made once, and flat (N, ., .) views for the products, which
+        # torch.bmm takes without torch.matmul's reshapes
         N = B * n * Hk
         k_, v_ = ks.unbind(0), vs.unbind(0)
         gate = _gates(lgs, At2, q.dtype)
@@ -301,9 +287,8 @@ class _DiagonalScan(torch.autograd.Function):
         for c in range(n - 1, -1, -1):
             arriving[:, c] = lam
             lam = a0[:, c] * torch.addcmul(own[:, c], after_first[:, c], lam)
-        # 3. the adjoint at every step, and the gradients. The products over heads run as
-        # (1, R) @ (R, K) on transposed views: torch.bmm took 5x longer for the same numbers
-        # as (K, R) @ (R, 1) here (107 against 19 us per step)
+        # 3. the adjoint at every step, and the gradients; products over heads as
+        # (1, R) @ (R, K) on transposed views (much faster in torch.bmm than (K, R) @ (R, 1))
         N = B * n * Hk
         dq = torch.empty((L, N, 1, K), **new)
         dk = torch.empty_like(dq)
