@@ -1,6 +1,6 @@
 """Block test cases, one module per block family: ``CASES = {case name: block settings}``.
 
-A case's settings may name ``kind`` (default: the case name). ``tests/test_blocks.py`` runs the
+A case's settings may name ``kind`` (default: the case name). ``tests/blocks/test_blocks.py`` runs the
 three-mode, backend and gradient checks over every case of every module here, and checks that
 every registered block type has at least one case.
 """

@@ -1,7 +1,7 @@
 """Vector gates, G = 1, shared q/k heads and the diagonal shapes (Mamba-1, RG-LRU) with their
 ``scan`` backend: reference == an independent closed form, chunked and scan == reference on
 outputs, final states and gradients, extreme gates included (scalar-gate outputs:
-tests/test_ops.py)."""
+tests/ops/test_scalar_and_attention.py)."""
 import math
 
 import pytest
@@ -11,11 +11,10 @@ from blocks.ops.recurrence.chunked import recurrence_chunked
 from blocks.ops.recurrence.reference import recurrence_reference
 from blocks.ops.recurrence.scan import recurrence_scan, recurrence_scan_recompute
 
-from conftest import rel_err
+from helpers import rel_err
+from scan_helpers import GATES, call, grads, matches_reference, saved_bytes, scan_inputs
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
-GATES = {"normal": lambda u: -u, "near0": lambda u: -30 - 20 * u,
-         "near1": lambda u: -1e-6 * u, "zero": lambda u: -1e4 * (1 + u)}
 
 
 def vector_inputs(B, T, H, K, V, dtype, gate="normal", state=True):
@@ -66,18 +65,6 @@ def test_vector_chunked_matches_reference(dtype, T, chunk, gate, with_state):
     assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
 
 
-def _grads(fn, args, seed):
-    """Gradients of a random linear function of (o, final state) w.r.t. every input (None
-    entries, such as no gate, no state or no A, pass through as None)."""
-    g = torch.Generator().manual_seed(seed)
-    leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
-    o, S = fn(*leaves)
-    w1 = torch.randn(o.shape, generator=g, dtype=o.dtype)
-    w2 = torch.randn(S.shape, generator=g, dtype=S.dtype)
-    ((o * w1).sum() + (S * w2).sum()).backward()
-    return [None if x is None else x.grad for x in leaves]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [1, 45])
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
@@ -87,8 +74,8 @@ def test_chunked_gradients_match_reference_for_extreme_gates(dtype, T, gate, per
     args = vector_inputs(2, T, 2, 8, 3, dtype, gate)
     if per == "head":
         args = args[:3] + (args[3][..., 0],) + args[4:]
-    ref = _grads(recurrence_reference, args, T)
-    chk = _grads(lambda *a: recurrence_chunked(*a, chunk_size=32), args, T)
+    ref = grads(recurrence_reference, args, T)
+    chk = grads(lambda *a: recurrence_chunked(*a, chunk_size=32), args, T)
     for name, g_ref, g_chk in zip("q k v log_g state".split(), ref, chk):
         assert rel_err(g_chk, g_ref) < TOL[dtype], name
 
@@ -106,8 +93,8 @@ def test_vector_gradients_every_halving_level(monkeypatch, dtype, T, chunk, gate
     monkeypatch.setattr(rec, "NARROW_SPAN", -1.0)      # no chunk qualifies: always halving
     q, k, v, lg, s0 = vector_inputs(2, T, 4, 8, 3, dtype, gate)
     args = (q[:, :, :2], k[:, :, :2], v, lg, s0)
-    ref = _grads(recurrence_reference, args, T)
-    got = _grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
+    ref = grads(recurrence_reference, args, T)
+    got = grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
     for name, g_ref, g_got in zip("q k v log_g state".split(), ref, got):
         assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
 
@@ -137,8 +124,8 @@ def test_narrow_form(monkeypatch, dtype, T, chunk, gate, per):
     o1, S1 = recurrence_reference(*args)
     o2, S2 = recurrence_chunked(*args, chunk_size=chunk)
     assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
-    ref = _grads(recurrence_reference, args, T)
-    got = _grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
+    ref = grads(recurrence_reference, args, T)
+    got = grads(lambda *a: recurrence_chunked(*a, chunk_size=chunk), args, T)
     for name, g_ref, g_got in zip("q k v log_g state".split(), ref, got):
         assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
     assert calls
@@ -167,7 +154,7 @@ def test_narrow_form_reads_views_and_returns_gradients_in_the_callers_layout(per
     g = torch.Generator().manual_seed(3)
     ((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum()
      + (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()).backward()
-    ref = _grads(recurrence_reference, (q, k, v, lg, s0), 3)
+    ref = grads(recurrence_reference, (q, k, v, lg, s0), 3)
     for name, x, g_ref in zip("q k v log_g state".split(), leaves, ref):
         assert rel_err(x.grad, g_ref) < 1e-10, name
     assert seen[0].is_contiguous() and seen[1].is_contiguous()
@@ -198,8 +185,8 @@ def test_narrow_form_with_shared_q_and_k(per):
     o1, S1 = ref_fn(*args)
     o2, S2 = narrow(*args)
     assert rel_err(o2, o1) < 1e-10 and rel_err(S2, S1) < 1e-10
-    for name, g_ref, g_got in zip("q k v log_g state".split(), _grads(ref_fn, args, 1),
-                                  _grads(narrow, args, 1)):
+    for name, g_ref, g_got in zip("q k v log_g state".split(), grads(ref_fn, args, 1),
+                                  grads(narrow, args, 1)):
         assert rel_err(g_got, g_ref) < 1e-10, name
 
 
@@ -268,46 +255,6 @@ def test_vector_state_splits_sequence():
 # --------------------------------------------------------------------------------------------
 # Diagonal shapes (V = 1): Mamba-1 and RG-LRU, and the ``scan`` backend that auto picks for them
 # --------------------------------------------------------------------------------------------
-def scan_inputs(B, T, Hk, R, K, dtype, gate="normal", state=True, form="factored"):
-    """gated_linear_recurrence arguments of V = 1: q, k (B, T, Hk, K) shared by R heads each,
-    v (B, T, H, 1) and the gate in one of four forms; Mamba-1 is ``factored`` with Hk = 1
-    (log gate = dt * A), RG-LRU ``scalar`` with K = 1. Returns (q, k, v, log_g, s0, A)."""
-    g = torch.Generator().manual_seed(3000 + 11 * T + K + R)
-    H = Hk * R
-    q = torch.randn(B, T, Hk, K, generator=g, dtype=dtype)
-    k = torch.randn(B, T, Hk, K, generator=g, dtype=dtype)
-    v = torch.randn(B, T, H, 1, generator=g, dtype=dtype)
-    A = None
-    if form == "factored":
-        scale = {"normal": 1.0, "near0": 60.0, "near1": 1e-6}[gate]
-        log_g = torch.rand(B, T, H, generator=g, dtype=dtype) + 0.05           # dt > 0
-        A = -scale * (torch.rand(H, K, generator=g, dtype=dtype) + 0.5)
-    elif form == "vector":
-        log_g = GATES[gate](torch.rand(B, T, H, K, generator=g, dtype=dtype))
-    elif form == "scalar":
-        log_g = GATES[gate](torch.rand(B, T, H, generator=g, dtype=dtype))
-    else:
-        log_g = None
-    s0 = torch.randn(B, H, K, 1, generator=g, dtype=dtype) if state else None
-    return q, k, v, log_g, s0, A
-
-
-def _call(fn, **kw):
-    """fn over scan_inputs' tuple, A passed by keyword."""
-    return lambda q, k, v, log_g=None, s0=None, A=None: fn(q, k, v, log_g, s0, A=A, **kw)
-
-
-def _matches_reference(fn, args, seed, tol=1e-10):
-    """fn (over scan_inputs' tuple) equals the reference on outputs, final state and the
-    gradient of every input that has one."""
-    o1, S1 = _call(recurrence_reference)(*args)
-    o2, S2 = fn(*args)
-    assert rel_err(o2, o1) < tol and rel_err(S2, S1) < tol
-    ref = _grads(_call(recurrence_reference), args, seed)
-    got = _grads(fn, args, seed)
-    for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
-        if g_ref is not None:
-            assert rel_err(g_got, g_ref) < tol, name
 
 
 @pytest.mark.parametrize("gate", ["normal", "near0", "near1"])
@@ -329,8 +276,8 @@ def test_factored_gate_reference_matches_closed_form(gate):
 @pytest.mark.parametrize("with_state", [True, False])
 def test_scan_matches_reference(dtype, T, chunk, gate, form, with_state):
     args = scan_inputs(2, T, 1, 12, 16, dtype, gate, with_state, form)
-    o1, S1 = _call(recurrence_reference)(*args)
-    o2, S2 = _call(recurrence_scan, chunk_size=chunk)(*args)
+    o1, S1 = call(recurrence_reference)(*args)
+    o2, S2 = call(recurrence_scan, chunk_size=chunk)(*args)
     assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
 
 
@@ -341,8 +288,8 @@ def test_scan_matches_reference(dtype, T, chunk, gate, form, with_state):
 def test_scan_gradients_match_reference(dtype, T, gate, form):
     """Every input, A and the initial state included; q and k shared by groups of 3 heads."""
     args = scan_inputs(2, T, 2, 3, 4, dtype, gate, True, form)
-    ref = _grads(_call(recurrence_reference), args, T)
-    got = _grads(_call(recurrence_scan, chunk_size=8), args, T)
+    ref = grads(call(recurrence_reference), args, T)
+    got = grads(call(recurrence_scan, chunk_size=8), args, T)
     for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
         if g_ref is not None:
             assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
@@ -352,8 +299,8 @@ def test_scan_gradients_match_reference(dtype, T, gate, form):
 def test_k_equals_one(form):
     """K = V = 1 (RG-LRU is the scalar form), a chunk not dividing T."""
     args = scan_inputs(3, 77, 1, 10, 1, torch.float64, "normal", True, form)
-    ref = _grads(_call(recurrence_reference), args, 5)
-    got = _grads(_call(recurrence_scan, chunk_size=9), args, 5)
+    ref = grads(call(recurrence_reference), args, 5)
+    got = grads(call(recurrence_scan, chunk_size=9), args, 5)
     assert all(rel_err(b, a) < 1e-10 for a, b in zip(ref, got) if a is not None)
 
 
@@ -378,11 +325,11 @@ def test_k_equals_one_prefix_sum_form(monkeypatch, dtype, T, chunk, gate, form, 
         per = -0.999 * rec.NARROW_SPAN / C * (1 - 0.02 * torch.rand(lg.shape, dtype=dtype))
         lg, A = (-per, -torch.ones_like(A)) if form == "factored" else (per, None)
     args = (q, k, v, lg, s0, A)
-    o1, S1 = _call(recurrence_reference)(*args)
-    o2, S2 = _call(recurrence_scan, chunk_size=chunk)(*args)
+    o1, S1 = call(recurrence_reference)(*args)
+    o2, S2 = call(recurrence_scan, chunk_size=chunk)(*args)
     assert rel_err(o2, o1) < TOL[dtype] and rel_err(S2, S1) < TOL[dtype]
-    ref = _grads(_call(recurrence_reference), args, T)
-    got = _grads(_call(recurrence_scan, chunk_size=chunk), args, T)
+    ref = grads(call(recurrence_reference), args, T)
+    got = grads(call(recurrence_scan, chunk_size=chunk), args, T)
     for name, g_ref, g_got in zip("q k v log_g state A".split(), ref, got):
         if g_ref is not None:
             assert torch.isfinite(g_got).all() and rel_err(g_got, g_ref) < TOL[dtype], name
@@ -397,10 +344,10 @@ def test_k_equals_one_strong_decay_takes_the_steps(monkeypatch):
     monkeypatch.setattr(scan_mod._NarrowK1, "apply",
                         lambda *a, _f=scan_mod._NarrowK1.apply: calls.append(1) or _f(*a))
     args = scan_inputs(2, 40, 1, 4, 1, torch.float64, "near0", True, "scalar")
-    _matches_reference(_call(recurrence_scan, chunk_size=16), args, 3)
+    matches_reference(call(recurrence_scan, chunk_size=16), args, 3)
     assert not calls
     args = scan_inputs(2, 40, 1, 4, 1, torch.float64, "normal", True, "scalar")
-    _matches_reference(_call(recurrence_scan, chunk_size=16), args, 3)
+    matches_reference(call(recurrence_scan, chunk_size=16), args, 3)
     assert calls
 
 
@@ -411,14 +358,14 @@ def test_scan_in_segments(monkeypatch, form):
     import blocks.ops.recurrence.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
-    _matches_reference(_call(recurrence_scan, chunk_size=8), args, 9)
+    matches_reference(call(recurrence_scan, chunk_size=8), args, 9)
 
 
 def test_mamba_shape_through_the_matmul_form():
     """The ``chunked`` backend takes the factored gate too (materialising it), gradients of A
     included."""
     args = scan_inputs(1, 70, 1, 48, 16, torch.float64)
-    _matches_reference(_call(recurrence_chunked, chunk_size=32), args, 3)
+    matches_reference(call(recurrence_chunked, chunk_size=32), args, 3)
 
 
 def test_scan_state_splits_sequence():
@@ -432,7 +379,7 @@ def test_scan_state_splits_sequence():
 
 def test_auto_picks_by_shape():
     """The registry's shape declaration: V = 1 goes to ``scan`` (or, where a C compiler built
-    it, to the compiled ``native``: tests/test_native_scan.py), V > 1 to ``chunked``; asking
+    it, to the compiled ``native``: tests/ops/test_native.py), V > 1 to ``chunked``; asking
     for ``scan`` with V > 1 is a clear error."""
     from composer.core.errors import HycompError
     from composer.core.kernels import op, use_kernels
@@ -483,7 +430,7 @@ def test_float32_inside_under_bf16_autocast(backend, form):
     for on in (False, True):
         leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
-            o, S = _call(fn, chunk_size=16)(*leaves)
+            o, S = call(fn, chunk_size=16)(*leaves)
         (o.square().sum() + S.sum()).backward()
         res.append([o, S] + [x.grad for x in leaves if x is not None])
     for off, on in zip(*res):
@@ -497,24 +444,7 @@ def test_scan_recompute_matches_reference(monkeypatch, form):
     import blocks.ops.recurrence.scan as scan_mod
     monkeypatch.setattr(scan_mod, "STEP_NUMBERS", 2 * 6 * 4 * 3)   # 3 chunks per segment
     args = scan_inputs(2, 100, 2, 3, 4, torch.float64, "normal", True, form)
-    _matches_reference(_call(recurrence_scan_recompute, chunk_size=8), args, 4)
-
-
-def _saved_bytes(fn, args) -> int:
-    """Bytes autograd keeps for the backward of one call (tensors packed by saved-tensor
-    hooks; the recomputing backend's checkpoint holds only its inputs, alive anyway)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    leaves = [None if a is None else a.clone().requires_grad_(True) for a in args]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        o, S = fn(*leaves)
-    (o.sum() + S.sum()).backward()
-    return total
+    matches_reference(call(recurrence_scan_recompute, chunk_size=8), args, 4)
 
 
 def test_scan_recompute_keeps_no_gates_or_states():
@@ -525,5 +455,5 @@ def test_scan_recompute_keeps_no_gates_or_states():
     args = scan_inputs(1, T, 1, H, K, torch.float32)          # Mamba-1: log gate dt * A
     inputs = sum(a.numel() * a.element_size() for a in args if a is not None)
     states = T * H * K * 4
-    assert states <= _saved_bytes(_call(recurrence_scan), args) < states + 2 * inputs
-    assert _saved_bytes(_call(recurrence_scan_recompute), args) <= inputs
+    assert states <= saved_bytes(call(recurrence_scan), args) < states + 2 * inputs
+    assert saved_bytes(call(recurrence_scan_recompute), args) <= inputs

@@ -9,7 +9,7 @@ from blocks.common import balance_loss
 from blocks.moe import MoE, MoESpec
 from composer.core.aux import collect_aux_losses
 
-from conftest import recipe_from, rel_err
+from helpers import recipe_from, rel_err
 
 D = 32
 ACT = {"swiglu": F.silu, "geglu": F.gelu}

@@ -15,8 +15,8 @@ from composer.core.errors import HycompError
 from composer.core.kernels import op, use_kernels
 from composer.core.registry import resolve_backend
 
-from conftest import rel_err
-from test_recurrence_ops import _call, _grads, _matches_reference, _saved_bytes, scan_inputs
+from helpers import rel_err
+from scan_helpers import call, grads, matches_reference, saved_bytes, scan_inputs
 
 # skipped only where no C compiler is installed at all; with one, a failed build fails
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C compiler here")
@@ -51,7 +51,7 @@ def test_matches_reference(dtype, T, gate, form):
     """Mamba-1's layout (one q/k group), 40 heads: blocks of 16, 16 and 8 heads (full and
     partial), K = 16 (the lane-sum tree for dq and dk)."""
     args = scan_inputs(2, T, 1, 40, 16, dtype, gate, True, form)
-    _matches_reference(_call(native.recurrence_native), args, T, TOL[dtype])
+    matches_reference(call(native.recurrence_native), args, T, TOL[dtype])
 
 
 @pytest.mark.parametrize("Hk,R,K", [(2, 20, 4), (3, 17, 1), (1, 33, 20), (2, 32, 32),
@@ -62,15 +62,15 @@ def test_shapes_match_reference(Hk, R, K, form, with_state):
     """Several q/k groups, K not a multiple of the lanes (20: a tree then one lane sum per k),
     two whole trees (32), RG-LRU's K = 1, fewer heads than lanes."""
     args = scan_inputs(2, 2 * CK + 5, Hk, R, K, torch.float64, "normal", with_state, form)
-    _matches_reference(_call(native.recurrence_native), args, K + R)
+    matches_reference(call(native.recurrence_native), args, K + R)
 
 
 def test_exact_zero_gates_and_long_sequence():
     """Gates that underflow to exactly 0 (log gate -1e4) and a long sequence in float32."""
     args = scan_inputs(1, 40, 1, 24, 1, torch.float64, "zero", True, "scalar")
-    _matches_reference(_call(native.recurrence_native), args, 1)
+    matches_reference(call(native.recurrence_native), args, 1)
     args = scan_inputs(1, 1500, 1, 20, 16, torch.float32, "normal", True, "factored")
-    _matches_reference(_call(native.recurrence_native), args, 2, 1e-4)
+    matches_reference(call(native.recurrence_native), args, 2, 1e-4)
 
 
 @pytest.mark.parametrize("used", ["output", "state"])
@@ -81,7 +81,7 @@ def test_gradients_with_one_output_unused(used):
     grads = []
     for fn in (native.recurrence_native, recurrence_reference):
         leaves = [a.clone().requires_grad_(True) for a in args]
-        o, S = _call(fn)(*leaves)
+        o, S = call(fn)(*leaves)
         (o.square().sum() if used == "output" else S.square().sum()).backward()
         grads.append([x.grad for x in leaves])
     for got, ref in zip(*grads):
@@ -106,8 +106,8 @@ def test_bf16_inputs_run_in_float32():
     same values in float32, rounded once)."""
     args = scan_inputs(2, 70, 1, 20, 8, torch.float32)
     lo = [None if a is None else a.to(torch.bfloat16) for a in args]
-    o, S = _call(native.recurrence_native)(*lo)
-    o_ref, S_ref = _call(recurrence_reference)(*[None if a is None else a.float() for a in lo])
+    o, S = call(native.recurrence_native)(*lo)
+    o_ref, S_ref = call(recurrence_reference)(*[None if a is None else a.float() for a in lo])
     assert o.dtype == S.dtype == torch.bfloat16
     assert rel_err(o.float(), o_ref) < 1e-2 and rel_err(S.float(), S_ref) < 1e-2
 
@@ -124,8 +124,8 @@ def test_same_result_on_any_thread_count(monkeypatch):
             torch.set_num_threads(n)
             if not openmp:
                 monkeypatch.setattr(native._lib, "scan_openmp", lambda: 0)
-            o, S = _call(native.recurrence_native)(*args)
-            res.append([o, S] + _grads(_call(native.recurrence_native), args, 3))
+            o, S = call(native.recurrence_native)(*args)
+            res.append([o, S] + grads(call(native.recurrence_native), args, 3))
     finally:
         torch.set_num_threads(before)
     for other in res[1:]:
@@ -140,7 +140,7 @@ def test_keeps_inputs_and_one_state_per_segment():
     args = scan_inputs(1, T, 1, H, K, torch.float32)
     inputs = sum(a.numel() * a.element_size() for a in args if a is not None)
     kept = -(-T // CK) * H * K * 4
-    assert _saved_bytes(_call(native.recurrence_native), args) <= 2 * inputs + kept
+    assert saved_bytes(call(native.recurrence_native), args) <= 2 * inputs + kept
     assert kept < T * H * K * 4 / 50
 
 

@@ -9,7 +9,7 @@ from composer.recipe.compose import group_options
 from composer.build.costs import totals
 from composer.build.graph import execution_order
 
-from conftest import rel_err
+from helpers import rel_err
 
 SMALL = ["model.d_model=32"]
 

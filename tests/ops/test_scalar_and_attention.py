@@ -9,7 +9,7 @@ from blocks.ops.attention.sdpa import attention_sdpa
 from blocks.ops.recurrence.chunked import recurrence_chunked
 from blocks.ops.recurrence.reference import recurrence_reference
 
-from conftest import rel_err
+from helpers import rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 

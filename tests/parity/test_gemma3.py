@@ -11,7 +11,7 @@ import torch
 from blocks.attention import Attention, AttentionSpec
 from composer.core.kernels import use_kernels
 
-from conftest import rel_err
+from helpers import rel_err
 
 gemma3 = pytest.importorskip("transformers.models.gemma3.modeling_gemma3")
 masking = pytest.importorskip("transformers.masking_utils")

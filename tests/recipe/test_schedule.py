@@ -4,7 +4,7 @@ import pytest
 import composer
 from composer.core.errors import RecipeError
 
-from conftest import recipe_from
+from helpers import recipe_from
 
 
 def mixers(recipe):

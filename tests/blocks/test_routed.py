@@ -9,7 +9,7 @@ from blocks.routed import Routed, RoutedSpec
 from composer.core.aux import collect_aux_losses
 from composer.core.registry import block_types
 
-from conftest import recipe_from, rel_err
+from helpers import recipe_from, rel_err
 
 D = 32
 ATTN = {"kind": "attention", "n_heads": 2, "n_kv_heads": 1}

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from composer.core.kernels import use_kernels
 from composer.core.registry import block_types, ops
 
-from conftest import rel_err
+from helpers import rel_err
 
 from cases import all_cases
 

@@ -13,7 +13,7 @@ from blocks.ops.attention.sdpa import attention_sdpa
 from composer.core.kernels import use_kernels
 from composer.core.registry import block_types, resolve_backend
 
-from conftest import rel_err
+from helpers import rel_err
 
 BACKENDS = [attention_reference, attention_chunked, attention_sdpa]
 

@@ -12,7 +12,7 @@ import torch
 from blocks.attention import Attention, AttentionSpec
 from composer.core.kernels import use_kernels
 
-from conftest import rel_err
+from helpers import rel_err
 
 # flash-linear-attention, where installed, would pull in GPU kernels: keep the torch paths
 sys.modules["fla"] = None

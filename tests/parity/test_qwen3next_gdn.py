@@ -9,7 +9,7 @@ import torch
 from composer.core.kernels import use_kernels
 from composer.core.registry import block_types
 
-from conftest import rel_err
+from helpers import rel_err
 
 # transformers would try flash-linear-attention's GPU kernels if it were importable
 sys.modules.setdefault("fla", None)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from blocks.ops.delta.chunked import delta_chunked
 from blocks.ops.delta.reference import delta_reference
 
-from conftest import rel_err
+from helpers import rel_err
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 # plain delta rule (b one number per token): without decay, one decay per head, one per key

@@ -14,7 +14,7 @@ import torch
 from composer.core.kernels import use_kernels
 from composer.core.registry import block_types
 
-from conftest import rel_err
+from helpers import rel_err
 
 for _name in ("mamba_ssm", "causal_conv1d", "fla"):   # keep HF on its torch paths
     sys.modules.setdefault(_name, None)

@@ -10,7 +10,7 @@ import torch
 from blocks.moe import MoE, MoESpec
 from composer.core.aux import collect_aux_losses
 
-from conftest import rel_err
+from helpers import rel_err
 
 jamba = pytest.importorskip("transformers.models.jamba.modeling_jamba")
 JambaConfig = pytest.importorskip("transformers").JambaConfig

@@ -20,7 +20,7 @@ from composer.core.registry import block_types
 from composer.run.checkpoint import load_checkpoint, read_recipe
 from composer.run.train import param_groups
 
-CKPT = Path(__file__).parent / "data" / "checkpoint_fd4e985"
+CKPT = Path(__file__).resolve().parents[1] / "data" / "checkpoint_fd4e985"
 
 
 def _expected():
