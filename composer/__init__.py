@@ -8,6 +8,11 @@ Python API::
     model = composer.build_model(recipe)      # nn.Module: model(input_ids) -> logits (B, T, V)
 
 Names are imported on first use, so ``hycomp --help`` starts without loading torch.
+
+One subpackage per stage of the data flow, each importing only earlier ones:
+``core`` (the contract blocks and ops plug into) → ``recipe`` (YAML + overrides → a validated
+recipe) → ``build`` (layer graph with costs → ``nn.Module``) → ``run`` (training) and ``viz``
+(pictures) → ``cli`` (the ``hycomp`` command).
 """
 from __future__ import annotations
 
