@@ -14,11 +14,17 @@ node its costs:
 """
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
+from functools import lru_cache
+
 import networkx as nx
 import torch
+from torch import nn
 
 from composer.build.graph import layout
-from composer.build.model import ComposedModel
+from composer.build.model import make_norm, sub_layer
+from composer.core.errors import RecipeError
 from composer.core.registry import get_block
 
 
@@ -28,10 +34,25 @@ def _zero(*_a, **_k):
 
 def layer_graph(recipe) -> nx.DiGraph:
     """The layer graph of a validated :class:`Recipe`, every node with its costs."""
-    g = layout(recipe)
-    _add_flops_and_state(g)
-    _add_params(g, recipe.model)
+    with gc_paused():
+        g = layout(recipe)
+        _add_flops_and_state(g)
+        _add_params(g, recipe.model)
     return g
+
+
+@contextmanager
+def gc_paused():
+    """No cyclic garbage collection inside: building a graph of 10^5 nodes allocates millions
+    of objects that all stay alive, and each collection pass would scan them all again (it
+    took more time than the build itself at 200,000 sub-layers)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _add_flops_and_state(g: nx.DiGraph) -> None:
@@ -39,11 +60,16 @@ def _add_flops_and_state(g: nx.DiGraph) -> None:
     # per token: pre-norm (square, mean, scale, weight) + residual add; a branch has no add;
     # a combine step one pass
     extra = {"residual": 5.0 * d, "branch": 4.0 * d, "combine": 1.0 * d}
+    fns: dict[tuple, tuple] = {}  # one pair of (memoised) callables per op and spec object
     for nid, a in g.nodes(data=True):
         if a["op"] in extra:
-            cls = get_block(a["kind"]).module
-            a["flops"] = _flops(cls, a["spec"], d, extra[a["op"]])
-            a["state_bytes"] = _state(cls, a["spec"], d) if a["op"] != "combine" else _zero
+            k = (a["op"], id(a["spec"]))
+            if k not in fns:
+                cls = get_block(a["kind"]).module
+                fns[k] = (_flops(cls, a["spec"], d, extra[a["op"]]),
+                          _state(cls, a["spec"], d) if a["op"] != "combine" else _zero,
+                          a["spec"])
+            a["flops"], a["state_bytes"] = fns[k][:2]
         else:
             a["flops"] = {"norm": lambda T: 4.0 * d,
                           "head": lambda T: 2.0 * d * V}.get(a["op"], _zero)
@@ -51,38 +77,71 @@ def _add_flops_and_state(g: nx.DiGraph) -> None:
 
 
 def _add_params(g: nx.DiGraph, model_cfg) -> None:
-    with torch.device("meta"):
-        mods = ComposedModel(g, model_cfg)
+    """Owned parameters per node. Each distinct module is built once on the meta device (a
+    sub-layer's count depends on its spec alone), so this is linear in depth with a small
+    constant: 100,000 layers of one spec build one module, not 100,000."""
     owner: dict[str, str] = {}
+    cache: dict = {}
     for nid in nx.topological_sort(g):
-        key = g.nodes[nid]["module_key"]
+        a = g.nodes[nid]
+        key = a["module_key"]
         if nid == "head" and model_cfg.tie_embeddings:
-            g.nodes[nid].update(params=0, shares="embed")
+            a.update(params=0, shares="embed")
             continue
         first = owner.get(key)
         if first is not None:
-            g.nodes[nid].update(params=0, shares=first)
+            a.update(params=0, shares=first)
             g.add_edge(first, nid, kind="shares")
             continue
         owner[key] = nid
-        g.nodes[nid]["params"] = sum(p.numel() for p in _owned_params(mods, key))
+        a["params"] = _count(a, model_cfg, cache)
 
 
-def _owned_params(mods, key: str):
-    mod = mods.get_submodule(key)
-    if key.endswith(".combine") or ".branches." in key:
-        return list(mod.parameters())
-    # a parallel sub-layer's container: its branches and combine are separate nodes
-    return [p for n, p in mod.named_parameters()
-            if not (n.startswith("branches.") or n.startswith("combine."))]
+def _count(a: dict, m, cache: dict) -> int:
+    """Parameters of the module that runs node ``a`` (its branches and combine step are
+    nodes of their own), built on the meta device once per distinct spec."""
+    op, spec = a["op"], a.get("spec")
+    ck = (op, id(spec))
+    if ck in cache:
+        return cache[ck][1]
+    try:
+        with torch.device("meta"):
+            if op == "embed":
+                mod = nn.Embedding(m.vocab_size, m.d_model)
+            elif op == "norm":
+                mod = make_norm(m.norm, m.d_model, m.norm_eps)
+            elif op == "head":
+                mod = nn.Linear(m.d_model, m.vocab_size, bias=False)
+            elif op == "combine":
+                mod = get_block(spec.kind).module(spec, m.d_model)
+            else:  # residual or branch: pre-norm + block
+                mod = sub_layer(spec, m)
+    except (RuntimeError, TypeError, OverflowError) as e:  # sizes past 2**63, even on meta
+        why = str(e).strip().splitlines()[0]
+        raise RecipeError(what="the model is too large to build",
+                          where=f"model.blocks.{a['name']}" if spec is not None else
+                          "model.d_model",
+                          why=f"a tensor of this {a.get('kind', op)} (d_model={m.d_model:,}) "
+                              f"cannot exist, not even on the meta device: {why}",
+                          fix="use a smaller model.d_model or smaller sizes in that "
+                              "block's settings") from None
+    n = sum(p.numel() for p in mod.parameters())
+    cache[ck] = (spec, n)  # keeps spec alive so its id stays unique
+    return n
 
 
 def _flops(module_cls, spec, d, extra):
-    return lambda T: float(module_cls.flops_per_token(spec, d, T)) + extra
+    @lru_cache(maxsize=64)
+    def flops(T):
+        return float(module_cls.flops_per_token(spec, d, T)) + extra
+    return flops
 
 
 def _state(module_cls, spec, d):
-    return lambda T, dtype_bytes=4: int(module_cls.state_bytes(spec, d, T, dtype_bytes))
+    @lru_cache(maxsize=64)
+    def state_bytes(T, dtype_bytes=4):
+        return int(module_cls.state_bytes(spec, d, T, dtype_bytes))
+    return state_bytes
 
 
 def totals(g: nx.DiGraph, T: int, dtype_bytes: int = 4) -> dict:

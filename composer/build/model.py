@@ -46,15 +46,18 @@ class ParallelSubLayer(nn.Module):
         self.combine = combine
 
 
+def sub_layer(spec, m) -> SubLayer:
+    """The pre-norm sub-layer of one (non-composite) block spec."""
+    return SubLayer(make_norm(m.norm, m.d_model, m.norm_eps),
+                    get_block(spec.kind).module(spec, m.d_model))
+
+
 def _entry_module(attrs: dict, m) -> nn.Module:
     spec = attrs["spec"]
-    block_cls = get_block(spec.kind).module
     if attrs["op"] == "combine":
-        branches = [SubLayer(make_norm(m.norm, m.d_model, m.norm_eps),
-                             get_block(m.spec(b).kind).module(m.spec(b), m.d_model))
-                    for b in spec.branches]
-        return ParallelSubLayer(branches, block_cls(spec, m.d_model))
-    return SubLayer(make_norm(m.norm, m.d_model, m.norm_eps), block_cls(spec, m.d_model))
+        return ParallelSubLayer([sub_layer(m.spec(b), m) for b in spec.branches],
+                                get_block(spec.kind).module(spec, m.d_model))
+    return sub_layer(spec, m)
 
 
 class ComposedModel(nn.Module):

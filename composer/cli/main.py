@@ -104,24 +104,33 @@ def _fail(e: HycompError) -> None:
 def _check(args) -> int:
     import composer
     from composer.build.costs import totals
-    recipe = composer.load_recipe(args.recipe, args.overrides)
+    from composer.cli.prepare import context_length, load_runnable, notes
+    recipe = load_runnable(args.recipe, args.overrides)
+    T = context_length(args.seq_len, recipe)
     g = composer.layer_graph(recipe)
-    T = args.seq_len or recipe.data.seq_len
     report = check_report(recipe, g, T)
+    for line in notes(args.recipe, args.overrides, recipe):
+        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"pattern   {report['pattern']}   ({report['counting']} counting, "
+    print(f"pattern   {_cut(report['pattern'])}   ({report['counting']} counting, "
           f"{report['n_sublayers']} sub-layers)")
     rows = [("#", "layer", "node", "block", "params", "settings")]
-    for s in report["sublayers"]:
+    subs = report["sublayers"]
+    shown = subs if len(subs) <= MAX_ROWS else subs[:MAX_ROWS - 10] + [None] + subs[-10:]
+    for s in shown:
+        if s is None:
+            rows.append(("...", "", "", "", "", f"{len(subs) - MAX_ROWS:,} sub-layers "
+                         "not shown (--json lists every one)"))
+            continue
         name = s["name"] if s["name"] == s["kind"] else f"{s['name']} ({s['kind']})"
         extra = "shared with " + s["shares"] if s.get("shares") else _fields_brief(s)
         rows.append((str(s["index"]), str(s["layer"]), s["node"], name, f"{s['params']:,}",
                      extra))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+        print(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5]).rstrip())
     t = totals(g, T)
     print(f"\nparameters      {t['params']:,}")
     print(f"FLOPs/token     {t['flops_per_token']:,.0f}  (forward, context T={T})")
@@ -129,31 +138,65 @@ def _check(args) -> int:
     return 0
 
 
+MAX_ROWS = 64
+"""Sub-layers the check table lists; a deeper model shows its first and last ones."""
+
+
+def _cut(pattern: str, width: int = 512) -> str:
+    return pattern if len(pattern) <= width else (
+        f"{pattern[:width]}... ({len(pattern):,} symbols; --json has all)")
+
+
 def _fields_brief(s: dict) -> str:
-    f = {k: v for k, v in s["fields"].items() if k != "kind" and v is not None}
-    return " ".join(f"{k}={v}" for k, v in list(f.items())[:6])
+    """The settings that differ from the block type's defaults (all of them: --json)."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+                    for k, v in s["settings"].items())
+
+
+def _settings(spec) -> dict:
+    """Fields of ``spec`` that differ from its type's defaults (JSON values)."""
+    dumped = spec.model_dump(mode="json")
+    out = {}
+    for k, f in type(spec).model_fields.items():
+        if k == "kind":
+            continue
+        if f.is_required() or getattr(spec, k) != f.get_default(call_default_factory=True):
+            out[k] = dumped[k]
+    return out
 
 
 def check_report(recipe, g, T: int) -> dict:
-    """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs."""
+    """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs.
+    ``fields`` holds every field of a sub-layer's spec, ``settings`` those that differ from
+    the block type's defaults."""
     from composer.build.costs import totals
+    dumps: dict[int, tuple] = {}  # one dump per spec object: deep models repeat a few specs
+
+    def fields(spec):
+        if id(spec) not in dumps:
+            dumps[id(spec)] = (spec, spec.model_dump(mode="json"), _settings(spec))
+        return dumps[id(spec)][1:]
+
     subs = []
     for nid, a in g.nodes(data=True):
         if a["op"] not in ("residual", "combine"):
             continue
+        full, settings = fields(a["spec"])
         item = {"index": a["index"], "layer": a["layer"], "node": nid, "name": a["name"],
                 "kind": a["kind"], "role": a["role"], "module_key": a["module_key"],
                 "params": a["params"], "flops_per_token": a["flops"](T),
-                "state_bytes": a["state_bytes"](T), "fields": a["spec"].model_dump(mode="json")}
+                "state_bytes": a["state_bytes"](T), "fields": dict(full),
+                "settings": dict(settings)}
         if a.get("shares"):
             item["shares"] = a["shares"]
         if a["op"] == "combine":
             item["branches"] = []
             for b in sorted(p for p in g.predecessors(nid) if g.nodes[p]["op"] == "branch"):
                 ba = g.nodes[b]
+                bfull, bset = fields(ba["spec"])
                 item["branches"].append({"node": b, "name": ba["name"], "kind": ba["kind"],
-                                         "params": ba["params"],
-                                         "fields": ba["spec"].model_dump(mode="json")})
+                                         "params": ba["params"], "fields": dict(bfull),
+                                         "settings": dict(bset)})
                 item["params"] += ba["params"]
                 item["flops_per_token"] += ba["flops"](T)
                 item["state_bytes"] += ba["state_bytes"](T)
@@ -171,16 +214,21 @@ def check_report(recipe, g, T: int) -> dict:
 def _viz(args) -> int:
     import composer
     from composer import viz
-    recipe = composer.load_recipe(args.recipe, args.overrides)
+    from composer.cli.prepare import context_length, load_runnable, notes
+    recipe = load_runnable(args.recipe, args.overrides)
+    T = context_length(args.seq_len, recipe)
     g = composer.layer_graph(recipe)
-    T = args.seq_len or recipe.data.seq_len
+    for line in notes(args.recipe, args.overrides, recipe):
+        print(line, file=sys.stderr)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     bad = [f for f in formats if f not in ("svg", "png", "mmd", "dot")]
     if bad:
         raise HycompError(what=f"unknown format {bad[0]!r}", where="--formats",
                           why="formats are svg, png, mmd, dot", fix="e.g. --formats svg,png")
-    print(viz.table(g, T))
-    paths = viz.draw(g, Path(args.out), T, formats=formats, engine=args.engine)
+    from composer.viz.draw import out_folder
+    out = out_folder(args.out)  # before the table: fail first
+    print(viz.table(g, T, max_rows=MAX_ROWS))
+    paths = viz.draw(g, out, T, formats=formats, engine=args.engine)
     for kind, path in paths.items():
         print(f"wrote {kind:4s} {path}")
     return 0
@@ -259,6 +307,8 @@ def _train(argv: list[str]) -> int:
         if recipe != "config":
             overrides, hydra_flags = _recipe_to_hydra(recipe, overrides, hydra_flags)
         overrides += _resume_into_run_folder(overrides)
+        from composer.run.app import check_run_dirs
+        check_run_dirs(overrides, multirun=bool({"-m", "--multirun"} & set(hydra_flags)))
     except HycompError as e:
         _fail(e)
     from composer.run.app import hydra_train
@@ -272,7 +322,11 @@ def _resume_into_run_folder(overrides: list[str]) -> list[str]:
     into DIR/.hydra/resumed-<time> instead of a new, otherwise empty run folder."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     resume = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "train.resume"]
-    if not resume or resume[-1] in ("null", "") or "hydra.run.dir" in keys:
+    if not resume or resume[-1] in ("null", ""):
+        return []
+    from composer.run.checkpoint import latest_checkpoint
+    latest_checkpoint(Path(resume[-1]))  # a run folder with a checkpoint, before Hydra's mkdir
+    if "hydra.run.dir" in keys:
         return []
     return [f"hydra.run.dir={resume[-1]}",
             "hydra.output_subdir=.hydra/resumed-${now:%Y-%m-%d_%H-%M-%S}"]
@@ -319,6 +373,7 @@ def _recipe_to_hydra(recipe: str, overrides, flags):
 
 def _preflight(recipe: str, overrides: list[str]) -> None:
     """Validate every job a (multi)run would start; raise on the first bad one."""
+    from composer.cli.prepare import check_runnable, notes
     from composer.recipe.compose import compose_dict, parse_overrides
     from composer.recipe.validate import validate_recipe
     parsed = parse_overrides(overrides)
@@ -329,38 +384,18 @@ def _preflight(recipe: str, overrides: list[str]) -> None:
         else:
             axes.append([o.input_line])
     jobs = list(itertools.islice(itertools.product(*axes), MAX_PREFLIGHT))
-    probed = set()
-    for job in jobs:
+    probed: set = set()
+    for k, job in enumerate(jobs):
         try:
             r = validate_recipe(compose_dict(recipe, list(job)))
-            if any(choice != "auto" for choice in r.kernels.values()):
-                key = json.dumps([r.model.model_dump(mode="json"), r.kernels, r.train.device,
-                                  r.train.dtype], sort_keys=True, default=str)
-                if key not in probed:
-                    probed.add(key)
-                    _probe_kernels(r)
+            check_runnable(r, probed)
+            if k == 0:
+                for line in notes(recipe, list(job), r):
+                    print(line, file=sys.stderr)
         except HycompError as e:
             if len(jobs) > 1:
                 e.what = f"{e.what}  [sweep job: {' '.join(job)}]"
             raise
-
-
-def _probe_kernels(recipe) -> None:
-    """Run the model once on two tokens with the recipe's kernel choices, on the device and in
-    the dtype training will use. An explicit backend may refuse the shapes a block hands it
-    (``scan`` takes one value column per head): only a call shows that, and a sweep should
-    stop here, before its first job, rather than when the bad job's turn comes. Done only
-    for recipes that name a backend; a HycompError (the registry's) propagates."""
-    import torch
-
-    import composer
-    from composer.run.train import pick_device
-    device = pick_device(recipe.train.device)
-    model = composer.build_model(recipe).to(device)
-    ids = torch.zeros(1, min(2, recipe.model.max_seq_len), dtype=torch.long, device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                         enabled=recipe.train.dtype == "bf16"):
-        model(ids)
 
 
 if __name__ == "__main__":

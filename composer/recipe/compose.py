@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer.core.errors import RecipeError
+from composer.recipe.files import root_config
 from composer.recipe.problems import schema_fields
 from composer.recipe.schema import FORMS, Recipe
 from composer.recipe.validate import validate_recipe
@@ -67,12 +68,20 @@ def _first_line(msg: str) -> str:
 def _source(name_or_path: str) -> tuple[str, str, str, list[str]]:
     """(kind, where, config_name, extra overrides) for a name or a YAML path."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists():
+        if p.is_dir() and (p / "recipe.json").is_file():
+            p = p / "recipe.json"  # a checkpoint folder
         if not p.is_file():
             raise RecipeError(what=f"recipe file not found: {name_or_path}",
                               why="no such file", fix="check the path")
-        return "dir", str(p.resolve().parent), p.stem, [
-            f"hydra.searchpath=[pkg://{RECIPES_MODULE}]"]
+        try:
+            return root_config(p, recipes_dir())
+        except yaml.YAMLError as e:
+            raise _yaml_error(e) from None
+        except OSError as e:
+            raise RecipeError(what=f"cannot read the recipe file {name_or_path}",
+                              why=e.strerror or str(e), fix="check the path and its "
+                              "permissions") from None
     primaries = sorted(q.stem for q in recipes_dir().glob("*.yaml"))
     if name_or_path in primaries:
         return "module", RECIPES_MODULE, name_or_path, []
@@ -168,6 +177,11 @@ def _compose_in(kind: str, where: str, name: str, overrides: list[str], base: di
             raise _yaml_error(e) from None
         except (HydraException, OmegaConfBaseException) as e:
             raise _composition_error(e, base) from None
+        except ValueError as e:  # Hydra's defaults list / group-override checks
+            raise RecipeError(what="cannot compose the recipe", why=_clean(str(e)),
+                              fix="a config group takes a name (model=jamba_tiny) and a "
+                                  "defaults list is a list of names; check the overrides "
+                                  "and the recipe file") from None
 
 
 def _compose(name_or_path: str, overrides: list[str]):
@@ -202,6 +216,22 @@ def _form_rule(base: dict, parsed) -> list[str]:
     if lengthy and base_form != chosen and "model.n_layers" not in keys:
         out.append("model.n_layers=null")
     return out
+
+
+def depth_change(name_or_path: str, overrides: Iterable[str]) -> tuple[int, str, str] | None:
+    """(the recipe's n_layers, the form chosen, the recipe's form) when the schedule-form rule
+    drops the recipe's ``n_layers`` (module docstring); None otherwise."""
+    parsed = parse_overrides(list(overrides))
+    _, base = _base(name_or_path, parsed)
+    if "model.n_layers=null" not in _form_rule(base, parsed):
+        return None
+    model = base.get("model") or {}
+    keys = {o.key_or_group for o in parsed}
+    chosen = [f for f in FORMS if f"model.schedule.{f}" in keys]
+    before = [f for f in FORMS if (model.get("schedule") or {}).get(f) is not None]
+    if not isinstance(model.get("n_layers"), int):
+        return None
+    return model["n_layers"], chosen[0], before[0] if before else "schedule"
 
 
 def _yaml_error(e: yaml.YAMLError) -> RecipeError:
@@ -246,6 +276,12 @@ def _composition_error(e: Exception, base: dict) -> RecipeError:
     valid |= set(schema_fields(path, base) or [])
     valid = sorted(valid)
     parent, leaf = ".".join(path), parts[len(path)]
+    if leaf in valid:  # a key the schema knows, absent from the recipe files
+        return RecipeError(
+            what=f"cannot set '{key}': the recipe has no '{leaf}' section to set it in",
+            where=key, why=f"'{leaf}' is a valid key, but the composed recipe does not "
+                           f"contain it, and Hydra overrides only keys that exist",
+            fix=f"add '{leaf}:' to the recipe file, or write the override as +{key}=...")
     return RecipeError(
         what=f"unknown key '{leaf}' in override '{key}'", where=key,
         why=(f"{parent or 'the recipe'} has no key '{leaf}'"

@@ -24,6 +24,7 @@ from composer.core.block import BlockSpec
 from composer.core.registry import block_types, default_symbols, did_you_mean
 from composer.recipe.placement import place_even, place_period, repeat_to
 from composer.recipe.problems import Problems, pydantic_problems
+from composer.recipe.schema import MAX_DEPTH
 
 # Megatron-LM's pattern symbols, reserved even before their block types are registered.
 MEGATRON_SYMBOLS = {"M": "mamba2", "*": "attention", "-": "mlp", "E": "moe", "G": "gated_deltanet"}
@@ -65,6 +66,30 @@ def symbol_table(model) -> dict[str, str]:
     table.update(default_symbols())
     table.update(model.symbols)
     return table
+
+
+def _check_symbols(model, probs: Problems) -> None:
+    """``model.symbols``: one character each, not a separator, not a built-in symbol taken
+    for another block (that would silently change every pattern using it), naming a block."""
+    builtin = {**MEGATRON_SYMBOLS, **default_symbols()}
+    known = set(block_types()) | set(model.blocks)
+    free = [c for c in "ACFHIJKNOQSTUVZabcdefhijklnopqstuvwxyz0123456789" if c not in builtin
+            and c not in model.symbols][:8]
+    for sym, name in model.symbols.items():
+        where = f"model.symbols.{sym}"
+        if len(sym) != 1 or sym in "| \t":
+            probs.add(f"bad pattern symbol {sym!r}", where,
+                      "a symbol is one character, one per schedule entry ('|' and spaces "
+                      "separate)", f"use one character, e.g. model.symbols.{free[0]}={name}")
+        elif sym in builtin and builtin[sym] != name:
+            probs.add(f"symbol '{sym}' is already '{builtin[sym]}'", where,
+                      f"'{sym}' is the built-in symbol of {builtin[sym]}; mapping it to "
+                      f"'{name}' would change what every pattern with '{sym}' builds",
+                      f"pick an unused symbol: {', '.join(free)}")
+        if name not in known:
+            probs.add(f"symbol '{sym}' names unknown block '{name}'", where,
+                      "a symbol maps to a registered block type or a name under model.blocks",
+                      "use one of: " + ", ".join(sorted(known)) + did_you_mean(name, known))
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +306,7 @@ def expand_schedule(model, probs: Problems) -> Expanded:
 def _names(x: _Expansion) -> None:
     """Step 1: one block name per schedule entry, from the schedule form or its segments."""
     model, probs, sch = x.model, x.probs, x.model.schedule
+    _check_symbols(model, probs)
     symbols = symbol_table(model)
     if sch.segments is None:
         x.names = _expand_form(sch, model.n_layers, symbols, "model.schedule", probs)
@@ -291,10 +317,15 @@ def _names(x: _Expansion) -> None:
                   "a schedule has exactly one form",
                   f"move {', '.join(others)} into a segment, or drop segments")
         return
+    total = sum(s.n_layers for s in sch.segments)
+    if total > MAX_DEPTH:
+        probs.add(f"segments cover {total:,} entries", "model.schedule.segments",
+                  f"a recipe has at most {MAX_DEPTH:,} schedule entries",
+                  "shorten the segments")
+        return
     for k, seg in enumerate(sch.segments):
         x.names += _expand_form(seg, seg.n_layers, symbols, f"model.schedule.segments[{k}]",
                                 probs)
-    total = sum(s.n_layers for s in sch.segments)
     if model.n_layers is not None and model.n_layers != total and not probs.items:
         probs.add(f"segments cover {total} entries, model.n_layers is {model.n_layers}",
                   "model.schedule.segments", "the segment lengths must add up to the depth",
@@ -321,12 +352,19 @@ def _resolve_used(x: _Expansion) -> None:
     used |= set(model.shared)
     x.specs = _resolve_specs(model, used, x.probs)
     types = block_types()
-    for spec in list(x.specs.values()):
+    for name, spec in sorted(x.specs.items()):
         if types[spec.kind].role != "composite":
             continue
-        for b in spec.branches:
+        for j, b in enumerate(spec.branches):
             if b not in x.specs:
                 x.specs.update(_resolve_specs(model, {b}, x.probs))
+            if b in x.specs and types[x.specs[b].kind].role == "composite":
+                x.probs.add(f"composite block '{b}' as a branch of '{name}'",
+                            f"model.blocks.{name}.branches[{j}]",
+                            f"'{b}' is a {x.specs[b].kind} block: a branch runs one block "
+                            "on the sub-layer's input, and composite blocks do not nest",
+                            f"list the branches of '{b}' ({', '.join(x.specs[b].branches)}) "
+                            f"in '{name}' itself, or use a non-composite block")
 
 
 def _counting(x: _Expansion) -> None:

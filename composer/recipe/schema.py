@@ -20,6 +20,9 @@ from composer.core.block import BlockSpec, Spec
 # Schedule
 # --------------------------------------------------------------------------------------------
 FORMS = ("ratio", "pattern", "layers", "segments")
+MAX_DEPTH = 100_000
+"""Most schedule entries a recipe may have (the layer graph holds a node per sub-layer; past
+this, a typo such as an extra three zeros would build for minutes before saying anything)."""
 
 
 class Selector(Spec):
@@ -62,7 +65,9 @@ class ScheduleForms(Spec):
     blocks: list[str] | None = None
     """Block names the ratio parts refer to, in order, e.g. [mamba2, attention]."""
     placement: Literal["even", "period"] = "even"
-    """How a ratio is laid out: `even` (Megatron-LM's allocator) or `period` (repeat a unit)."""
+    """How a ratio is laid out: `even` (Megatron-LM's allocator) or `period` (repeat a unit).
+    `even` is Megatron's exactly, so it can put minority entries side by side: 1:1 over 4
+    layers is M**M; `period` gives M*M* (`hycomp check` points this out)."""
     offset: int | None = Field(None, ge=0)
     """With placement=period: index of the first minority layer (default: end of the unit)."""
     pattern: str | None = None
@@ -95,7 +100,7 @@ class ScheduleForms(Spec):
 class Segment(ScheduleForms):
     """A depth range with its own schedule (the survey's multi-level hybrids)."""
 
-    n_layers: int = Field(ge=1)
+    n_layers: int = Field(ge=1, le=MAX_DEPTH)
     """Entries in this segment."""
 
 
@@ -118,7 +123,7 @@ class ModelConfig(Spec):
     """Vocabulary size (256 for byte-level text)."""
     d_model: int = Field(128, ge=1)
     """Residual stream width."""
-    n_layers: int | None = Field(None, ge=1)
+    n_layers: int | None = Field(None, ge=1, le=MAX_DEPTH)
     """Schedule entries. With FFN-free schedules and `ffn` set, each entry is an HF-style layer
     (mixer + FFN); else one residual sub-layer per entry (Megatron counting). Null: the length
     of the pattern / list / segments."""
@@ -214,6 +219,11 @@ class TrainConfig(Spec):
     """A run folder to continue from its last checkpoint."""
     progress: bool = True
     """Show a progress bar."""
+    max_bad_steps: int = Field(10, ge=1)
+    """Stop the run (exit code 3) after this many steps in a row with a non-finite loss or
+    gradient; each such step is skipped, not applied."""
+    ignore_memory_check: bool = False
+    """Train even when the estimated memory of a step exceeds what the machine has free."""
 
 
 class Recipe(Spec):

@@ -27,11 +27,25 @@ def validate_recipe(data: dict) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise bundle(pydantic_problems(err)) from None
+        raise bundle(_section_hints(pydantic_problems(err))) from None
     probs = Problems()
     _check_kernels(recipe.kernels, probs)
     recipe._schedule = expand_schedule(recipe.model, probs)
     return recipe
+
+
+def _section_hints(probs: list) -> list:
+    """An unknown top-level key that is a field of a section says which section it belongs
+    in (a copy of a model recipe has ``d_model:`` where a recipe has ``model: {d_model:}``)."""
+    for p in probs:
+        key = (p.where or "").split(".")[0]
+        if p.what.startswith("unknown key") and p.where == key:
+            homes = [n for n, f in Recipe.model_fields.items()
+                     if key in getattr(f.annotation, "model_fields", {})]
+            if homes:
+                p.fix = (f"'{key}' is a field of {homes[0]}: write it under '{homes[0]}:' "
+                         f"({homes[0]}: {{{key}: ...}})")
+    return probs
 
 
 def _check_kernels(kernels: dict[str, str], probs: Problems) -> None:

@@ -21,6 +21,20 @@ FORMATS = ("svg", "png", "mmd", "dot")
 
 ENGINES = ("auto", "dot", "builtin")
 
+def out_folder(out_dir) -> Path:
+    """``out_dir``, created if needed; a path that is (or runs through) a file is an error."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        hit = next((p for p in [out_dir, *out_dir.parents] if p.exists()), out_dir)
+        raise HycompError(f"cannot use {str(out_dir)!r} as the output folder", where="-o",
+                          why=(f"{str(hit)!r} exists and is not a folder" if not hit.is_dir()
+                               else e.strerror or str(e)),
+                          fix="give -o a folder (new or existing), e.g. -o viz") from None
+    return out_dir
+
+
 def draw(g: nx.DiGraph, out_dir: Path, T: int, formats=FORMATS, engine: str = "auto",
          title: str | None = None) -> dict[str, Path]:
     """Write ``layers.<fmt>`` for each of ``formats`` into ``out_dir``; return fmt -> path.
@@ -41,8 +55,7 @@ def draw(g: nx.DiGraph, out_dir: Path, T: int, formats=FORMATS, engine: str = "a
                           why="the dot engine runs graphviz's `dot` binary, not on the PATH",
                           fix="install graphviz (apt-get install graphviz, brew install "
                               "graphviz, conda install graphviz), or use engine=builtin")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_folder(out_dir)
     paths = {f: out_dir / f"layers.{f}" for f in formats}
     dot_text = to_dot(g, T, title)
     if "dot" in paths:

@@ -11,17 +11,26 @@ from composer.viz.labels import (columns, drawn_edges, human, human_bytes, kind_
                                  kind_label, label_lines, node_notes, parallel_groups)
 
 
-def table(g: nx.DiGraph, T: int, dtype_bytes: int = 4) -> str:
-    """A fixed-width table, one row per node in execution order, then a totals row."""
+def table(g: nx.DiGraph, T: int, dtype_bytes: int = 4, max_rows: int | None = None) -> str:
+    """A fixed-width table, one row per node in execution order, then a totals row; with
+    ``max_rows``, a longer table keeps its first and last rows and says how many it left out."""
     head = ["#", "node", "kind", "params", f"FLOPs/tok@T={T}", f"state@T={T}", "note"]
     rows = []
-    for i, nid in enumerate(execution_order(g)):
+    order = execution_order(g)
+    skip = range(0)
+    if max_rows is not None and len(order) > max_rows:
+        skip = range(max_rows - 10, len(order) - 10)
+    for i, nid in enumerate(order):
+        if i in skip:
+            if i == skip.start:
+                rows.append(["...", "", "", "", "", "", f"{len(skip):,} nodes not shown"])
+            continue
         a = g.nodes[nid]
         rows.append([str(i), nid, kind_label(a), human(a.get("params", 0)),
                      human(a["flops"](T)), human_bytes(a["state_bytes"](T, dtype_bytes)),
                      ", ".join(node_notes(g, nid))])
     tot = totals(g, T, dtype_bytes)
-    last = ["", "total", f"{len(rows)} nodes", human(tot["params"]),
+    last = ["", "total", f"{len(order)} nodes", human(tot["params"]),
             human(tot["flops_per_token"]), human_bytes(tot["state_bytes"]), ""]
     widths = [max(len(r[c]) for r in [head, last] + rows) for c in range(len(head))]
     right = {0, 3, 4, 5}
