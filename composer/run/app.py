@@ -2,11 +2,26 @@
 
 The CLI has already validated every job of the command line and added the overrides of the
 schedule-form rule (``composer.compose.full_overrides``); each job validates its composed config
-again and trains it. Errors print what / where / why / fix and exit 2 (a ``SystemExit`` passes
-through Hydra's error handling).
+again and trains it. Errors print what / where / why / fix and exit with the error's code (2;
+3 for a diverged run); a ``SystemExit`` passes through Hydra's error handling.
+
+Run folders: ``recipes/config.yaml`` names them ``${unique_dir:runs/<date>/<time>}``; the
+:func:`claim_run_dir` resolver creates the folder with ``mkdir`` (no ``exist_ok``) and, when it
+is taken, the next free ``<time>-1``, ``<time>-2`` ...: runs (and sweeps) started in the same
+second get folders of their own. Hydra resolves it once per run (its resolver cache), before it
+writes ``.hydra/`` there. A run folder named explicitly (``hydra.run.dir=``) is checked by
+:func:`check_run_dirs` before Hydra starts, and the trainer's lock refuses a folder another live
+run trains in.
+
+A resumed run trains the model, data and kernels of its checkpoint
+(:func:`composer.run.resume.recipe_for_resume`); only what the command line names is compared.
+A job that fails before training leaves no folder behind (:func:`_discard_unused`); one that
+stops later writes summary.json with its status.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,15 +31,76 @@ from omegaconf import DictConfig, OmegaConf
 
 from composer.core.errors import HycompError
 
+# What Hydra writes into a run folder before the job starts (and the trainer's lock).
+_HYDRA_ONLY = {".hydra", "train.log", ".lock"}
+
+
+def claim_run_dir(path: str) -> str:
+    """Create and return the folder ``path``, or ``path-1``, ``path-2`` ... when it exists."""
+    base = Path(path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for i in range(100000):
+            cand = base if i == 0 else base.with_name(f"{base.name}-{i}")
+            try:
+                os.mkdir(cand)
+            except FileExistsError:
+                continue
+            return str(cand)
+    except OSError as e:
+        raise _dir_error(path, "hydra.run.dir", e) from None
+    raise HycompError(what=f"no free run folder name {path}-N", where="hydra.run.dir",
+                      fix="clean up runs/")
+
+
+OmegaConf.register_new_resolver("unique_dir", claim_run_dir, use_cache=True, replace=True)
+
+
+def _dir_error(path: str, key: str, e: OSError) -> HycompError:
+    return HycompError(what=f"cannot create the run folder {path}", where=f"{key}={path}",
+                       why=f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+                       fix=f"give {key} a folder you can write to (not under a file, not in "
+                           "/proc or /sys), or leave it at its default (runs/<date>/<time>)")
+
+
+def check_run_dirs(overrides: list[str], multirun: bool) -> None:
+    """Create the run folder (``hydra.run.dir``; ``hydra.sweep.dir`` with ``-m``) named on the
+    command line, or raise :class:`HycompError` saying why it cannot be created."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key]
+    if not values or "${" in values[-1]:
+        return
+    try:
+        Path(values[-1]).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _dir_error(values[-1], key, e) from None
+
+
+def _discard_unused(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but Hydra's record: its job never trained."""
+    try:
+        names = set(os.listdir(run_dir))
+    except OSError:
+        return
+    if names <= _HYDRA_ONLY:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
 
 @hydra.main(config_path="pkg://recipes", config_name="config", version_base=None)
 def hydra_train(cfg: DictConfig) -> float | None:
     from composer.recipe.validate import validate_recipe
+    from composer.run.resume import recipe_for_resume
     from composer.run.train import run
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
-        recipe = validate_recipe(OmegaConf.to_container(cfg, resolve=True))
-        summary = run(recipe, Path(HydraConfig.get().runtime.output_dir))
+        data = OmegaConf.to_container(cfg, resolve=True)
+        recipe = validate_recipe(data)
+        if recipe.train.resume:
+            recipe = validate_recipe(recipe_for_resume(data, recipe, list(hc.overrides.task)))
+        summary = run(recipe, run_dir)
     except HycompError as e:
+        _discard_unused(run_dir)
         print(e.render(), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

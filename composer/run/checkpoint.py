@@ -16,15 +16,21 @@ Layout::
 A checkpoint is written into a temporary folder ``checkpoints/.tmp-*`` and renamed into place,
 then ``latest`` is replaced (write to a temporary file, ``os.replace``): a crash at any moment
 leaves the previous checkpoint and ``latest`` intact, and a leftover ``.tmp-*`` folder is never
-read. Every loading problem raises :class:`CheckpointError` (what / where / why / fix).
+read. Older checkpoints are deleted (``keep``) only after the new one and ``latest`` are in
+place, and a model or optimizer state holding NaN or infinity is refused
+(:class:`CheckpointError`), so a diverged run never replaces good checkpoints. Temporary folders
+and files, and the .safetensors files, get the modes ``mkdir`` / ``open`` give (0777 / 0666 less
+the umask), like every other file of the run, not the private 0700 / 0600 of ``tempfile`` and
+``safetensors``. Every loading
+problem raises :class:`CheckpointError` (what / where / why / fix).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,12 @@ from composer.core.errors import CheckpointError
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "optim.safetensors", "trainer.json", "recipe.json")
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """:func:`save_checkpoint` refused a model or optimizer state holding NaN or infinity."""
+
+
 _FIX_NEW = "start a new run (train.resume=null), or resume from another run folder"
 
 
@@ -94,14 +106,63 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _temp(parent: Path, prefix: str, folder: bool) -> tuple[Path, int | None]:
+    """Create a new, uniquely named folder (returns ``(path, None)``) or file opened for writing
+    (``(path, fd)``) in ``parent``. Unlike ``tempfile``'s 0700 / 0600, the modes are those of
+    ``mkdir`` / ``open`` (0777 / 0666 less the umask): what is renamed into place looks like
+    every other file of the run folder."""
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            if folder:
+                os.mkdir(path)
+                return path, None
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name {prefix}* in {parent}")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """safetensors' ``save_file`` (it writes a private 0600 file), then the mode ``open`` would
+    have given (0666 less the umask)."""
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so a reader sees the old or the new content, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path = Path(path)
+    tmp, fd = _temp(path.parent, f".tmp-{path.name}-", folder=False)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [n for n, t in tensors.items()
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
@@ -112,19 +173,30 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     ckpts = Path(run_dir) / CKPT_DIR
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / step_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=ckpts))
+    tensors, aliases = _canonical(model.state_dict())
+    opt_tensors, opt_meta = _optim_tensors(optimizer)
+    bad = nonfinite_tensors(tensors) + [f"optimizer {n}" for n in nonfinite_tensors(opt_tensors)]
+    if bad:
+        more = f" (and {len(bad) - 4} more)" if len(bad) > 4 else ""
+        raise NonFiniteCheckpointError(what="refusing to checkpoint non-finite weights",
+                              where=str(final), why="NaN or infinity in " + ", ".join(bad[:4])
+                              + more, fix="lower train.lr (or resume from the last good "
+                                          "checkpoint); the earlier checkpoints are kept")
+    for left in ckpts.glob(".tmp-*"):  # from a session that was killed while writing
+        if left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
+    tmp, _ = _temp(ckpts, f".tmp-{final.name}-", folder=True)
     try:
-        tensors, aliases = _canonical(model.state_dict())
-        save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-        opt_tensors, opt_meta = _optim_tensors(optimizer)
+        _save_tensors(tensors, tmp / "model.safetensors", {"aliases": json.dumps(aliases)})
         opt_tensors.update({f"rng.{k}": v.to("cpu").contiguous() for k, v in rng.items()})
-        save_file(opt_tensors, tmp / "optim.safetensors",
-                  metadata={"optim": json.dumps(opt_meta)})
+        _save_tensors(opt_tensors, tmp / "optim.safetensors", {"optim": json.dumps(opt_meta)})
         sums = {n: _sha256(tmp / n) for n in ("model.safetensors", "optim.safetensors")}
         _write_json(tmp / "trainer.json", {**trainer, "step": step, "sha256": sums})
         _write_json(tmp / "recipe.json", recipe)
         if final.exists():  # saving the same step again (e.g. interrupted right after resume)
-            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=ckpts))
+            old, _ = _temp(ckpts, f".tmp-old-{final.name}-", folder=True)
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old)
@@ -138,8 +210,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
         steps = sorted((s, p) for p in ckpts.iterdir() if (s := _step_of(p.name)) is not None)
         for _, p in steps[:-keep]:
             if p != final:
-                shutil.rmtree(p, ignore_errors=True)
+                _discard(p)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder: first renamed to ``.tmp-del-*`` (atomic), so a crash while
+    deleting never leaves a half-deleted ``step_*`` folder that looks like a checkpoint."""
+    trash = folder.with_name(f".tmp-del-{folder.name}-{secrets.token_hex(4)}")
+    try:
+        os.replace(folder, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +233,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
     without it, the highest ``step_*`` folder)."""
     run_dir = Path(run_dir)
     where = f"train.resume={run_dir}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(what=f"train.resume names a file, not a run folder: {run_dir}",
+                              where=where, why="a run folder holds checkpoints/, metrics.jsonl "
+                                               "and the rest of a run",
+                              fix="give the run folder (e.g. runs/<date>/<time>), not a file "
+                                  "inside it, or " + _FIX_NEW)
     if not run_dir.is_dir():
         raise CheckpointError(what=f"run folder not found: {run_dir}", where=where,
                               why="there is no folder there",

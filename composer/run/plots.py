@@ -9,18 +9,23 @@ import math
 from pathlib import Path
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def plot_losses(rows: list[dict], out: Path, title: str = "") -> Path:
     """Draw train loss (rows with ``loss``) and validation loss (rows with ``val_loss``) in bits
     per byte against ``step``, and the unigram baseline (a row with ``unigram_bpb``) as a
-    dashed horizontal line. Writes ``out`` (PNG) and returns it."""
+    dashed horizontal line. Values that are null, NaN or infinite (a diverged step) are left
+    out, so the curve shows what is finite. Writes ``out`` (PNG) and returns it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     to_bits = 1 / math.log(2)
-    train = [(r["step"], r["loss"] * to_bits) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"] * to_bits) for r in rows if "val_loss" in r]
-    unigram = [r["unigram_bpb"] for r in rows if "unigram_bpb" in r]
+    train = [(r["step"], r["loss"] * to_bits) for r in rows if _finite(r.get("loss"))]
+    val = [(r["step"], r["val_loss"] * to_bits) for r in rows if _finite(r.get("val_loss"))]
+    unigram = [r["unigram_bpb"] for r in rows if _finite(r.get("unigram_bpb"))]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     try:
         if train:
@@ -35,7 +40,8 @@ def plot_losses(rows: list[dict], out: Path, title: str = "") -> Path:
         if title:
             ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if train or val or unigram:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(out)
     finally:

@@ -12,25 +12,31 @@ mean); the global gradient norm clipped to ``grad_clip``; an AdamW update at ``l
 * bf16: ``torch.autocast`` with bfloat16 around the forward; weights, optimizer and loss fp32.
 * Validation: mean loss over ``eval_batches`` fixed batches; bits per byte = loss / ln 2.
 
-Run folder: ``metrics.jsonl`` (one JSON object per line, all with ``step``: the unigram
+Run folder: ``metrics.jsonl`` (one strict JSON object per line, all with ``step``: the unigram
 baseline once, train lines every ``log_every`` steps, validation lines every ``eval_every``
-steps and at the end), ``checkpoints/`` (:mod:`composer.run.checkpoint`), ``loss.png`` and
-``summary.json`` at the end.
+steps and at the end; a NaN or infinite value is written ``null``), ``checkpoints/``
+(:mod:`composer.run.checkpoint`), ``loss.png`` and ``summary.json`` (with ``status``) at the end;
+progress lines go to the ``composer.run`` logger (``train.log`` under Hydra). One process at a
+time trains a folder (:func:`composer.run.control.run_lock`).
 
-Ctrl-C: the first one lets the current step finish, writes a checkpoint and raises
-``KeyboardInterrupt``; a second one interrupts at once (a checkpoint is still written unless
-it lands inside an optimizer update). ``train.resume=<run folder>`` continues from the latest
-checkpoint with the same losses an uninterrupted run has (weights, AdamW moments, step, and the
-batch and torch RNG states are restored).
+Non-finite steps: a step whose loss or gradient norm is NaN or infinite is not applied (a
+warning; counted as ``skipped_steps`` in the train rows and the summary); ``train.max_bad_steps``
+of them in a row stop the run with :class:`~composer.run.guards.NonFiniteError` (exit code 3)
+and no checkpoint of the diverged weights. A model holding NaN is never checkpointed.
+
+Stops: the first Ctrl-C or SIGTERM lets the current step finish, writes a checkpoint and raises
+``KeyboardInterrupt``; a second one interrupts at once. Any stop (interrupt, an exception)
+checkpoints the last completed step unless it landed inside an optimizer update or the run
+diverged, then writes ``loss.png`` and ``summary.json`` with ``status`` interrupted / failed /
+stopped_nonfinite.
+``train.resume=<run folder>`` continues from the latest checkpoint with the same losses an
+uninterrupted run has (weights, AdamW moments, step, and the batch and torch RNG states are
+restored).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +47,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from composer.run.checkpoint import (CKPT_DIR, latest_checkpoint, load_checkpoint, read_recipe,
-                                 save_checkpoint, write_text_atomic)
+from composer.run.checkpoint import (NonFiniteCheckpointError, load_checkpoint,
+                                     save_checkpoint, write_text_atomic)
+from composer.run.control import run_lock, say, stop_signals
 from composer.run.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits, sample_batch,
                            unigram_bpb)
 from composer.core.errors import CheckpointError, RecipeError
-from composer.run.plots import plot_losses
+from composer.run.guards import (NonFiniteError, check_before_training, check_data, finite,
+                                 json_safe)
+from composer.run.records import append_metrics, metrics_line, read_metrics, write_records
+from composer.run.resume import run_folder
 from composer.run.runtime import tune_cpu_allocator
 
 
@@ -128,70 +138,10 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
         model.train()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (none when it does not exist)."""
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _flatten(d, prefix: str) -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    return {k: v for key, sub in d.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
-
-
-def check_resumable(recipe, saved: dict, ckpt: Path) -> None:
-    """Raise :class:`CheckpointError` listing the keys where the ``model`` or ``data`` section
-    of ``recipe`` differs from the recipe the checkpoint was written with."""
-    now = json.loads(json.dumps(recipe.model_dump(mode="json")))
-    diffs = []
-    for section in ("model", "data"):
-        old, new = _flatten(saved.get(section), section), _flatten(now[section], section)
-        diffs += [f"{k}: {old.get(k, '(absent)')!r} in the run, {new.get(k, '(absent)')!r} now"
-                  for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)]
-    if diffs:
-        more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
-        raise CheckpointError(
-            what="the recipe's model/data sections differ from the run being resumed",
-            where=str(ckpt), why="; ".join(diffs[:8]) + more,
-            fix="drop the overrides that change model.* or data.* (train.* may change, e.g. "
-                "a larger train.steps), or start a new run without train.resume")
-
-
-@contextlib.contextmanager
-def _sigint_sets(state):
-    """While active, the first SIGINT sets ``state.interrupted`` instead of raising; the handler
-    then steps aside so a second one raises ``KeyboardInterrupt`` at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:
-        previous = signal.default_int_handler
-
-    def handler(signum, frame):
-        state.interrupted = True
-        signal.signal(signal.SIGINT, previous)
-        print("\ninterrupt: finishing this step, then writing a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 # The TrainState fields a checkpoint's trainer.json records and a resume restores, in the order
 # they are written.
 _TRAINER_FIELDS = ("step", "tokens", "elapsed", "train_loss", "val_loss", "val_step",
-                   "best_val_loss")
+                   "best_val_loss", "skipped_steps")
 
 
 @dataclass
@@ -219,7 +169,9 @@ class TrainState:
     val_loss: float | None = None
     val_step: int | None = None
     best_val_loss: float | None = None
+    skipped_steps: int = 0             # steps not applied: non-finite loss or gradient
     # This session only.
+    bad_steps: int = 0                 # non-finite steps in a row, up to this one
     elapsed0: float = 0.0              # elapsed when this session started
     train_time: float = 0.0            # seconds inside optimizer steps
     session_tokens: int = 0
@@ -227,7 +179,8 @@ class TrainState:
     saved_step: int | None = None      # step of the newest checkpoint written or resumed from
     snapshot: dict = field(default_factory=dict)  # RNG states as of the last completed step
     updating: bool = False             # inside an optimizer update: nothing consistent to save
-    interrupted: bool = False          # set by the first Ctrl-C (_sigint_sets)
+    interrupted: bool = False          # set by the first Ctrl-C or SIGTERM (stop_signals)
+    stop_signal: str | None = None     # which one
     bar: Any = None                    # the tqdm progress bar
 
     @property
@@ -239,33 +192,19 @@ class TrainState:
         return self.step % every == 0 or self.step == self.cfg.steps
 
 
-def _run_folder(recipe, run_dir) -> tuple[Path, Path | None]:
-    """(run folder, checkpoint to resume or None): ``train.resume``'s folder and its latest
-    checkpoint, which must fit the recipe; otherwise ``run_dir``, which must hold none."""
-    if recipe.train.resume:
-        run_dir = Path(recipe.train.resume)
-        ckpt = latest_checkpoint(run_dir)
-        check_resumable(recipe, read_recipe(ckpt), ckpt)
-        return run_dir, ckpt
-    run_dir = Path(run_dir)
-    if any((run_dir / CKPT_DIR).glob("step_*")):
-        raise CheckpointError(what="the run folder already holds checkpoints",
-                              where=str(run_dir), why="a new run would mix with them",
-                              fix=f"continue it with train.resume={run_dir}, or train "
-                                  "into a new folder")
-    return run_dir, None
-
-
-def _setup(recipe, run_dir) -> TrainState:
-    """Run folder, device, threads, data, seeded model and optimizer, then either the resumed
-    checkpoint or a fresh metrics.jsonl (its first row: the unigram baseline); opens the bar."""
+def _setup(recipe, run_dir: Path, ckpt: Path | None) -> TrainState:
+    """Device, checks (:func:`~composer.run.guards.check_before_training`: nothing allocated
+    yet), threads, data, seeded model and optimizer, then either the resumed checkpoint or a
+    fresh metrics.jsonl (its first row: the unigram baseline); opens the bar."""
     import composer
 
     t0 = time.perf_counter()
     cfg, seq_len = recipe.train, recipe.data.seq_len
-    run_dir, ckpt = _run_folder(recipe, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
+    check_before_training(recipe, device)
+    if cfg.warmup_steps >= cfg.steps:
+        say(f"warning: train.warmup_steps={cfg.warmup_steps} >= train.steps={cfg.steps}: the "
+            f"learning rate never reaches train.lr and never decays", warn=True)
     if device.type == "cpu":
         tune_cpu_allocator()
     if cfg.threads:
@@ -273,6 +212,9 @@ def _setup(recipe, run_dir) -> TrainState:
 
     train, val = load_splits(recipe.data)
     check_split(train, seq_len, "training")
+    warning = check_data(recipe, train, val)
+    if warning:
+        say(warning, warn=True)
     val_batches = fixed_batches(val, cfg.eval_batches, cfg.batch_size, seq_len)
     uni = unigram_bpb(train, val)
 
@@ -289,10 +231,9 @@ def _setup(recipe, run_dir) -> TrainState:
     if ckpt is not None:
         _resume(st, ckpt)
     else:
-        st.metrics.write_text(json.dumps({"step": 0, "unigram_bpb": st.unigram_bpb,
-                                          "train_bytes": train.numel(),
-                                          "val_bytes": val.numel(), "params": st.n_params})
-                              + "\n")
+        st.metrics.write_text(metrics_line({"step": 0, "unigram_bpb": st.unigram_bpb,
+                                     "train_bytes": train.numel(), "val_bytes": val.numel(),
+                                     "params": st.n_params}))
     st.elapsed0 = st.elapsed
     st.snapshot = _rng_states(st)
     st.bar = tqdm(total=cfg.steps, initial=min(st.step, cfg.steps), disable=not cfg.progress,
@@ -316,7 +257,7 @@ def _resume(st: TrainState, ckpt: Path) -> None:
     torch.set_rng_state(rng["torch"])
     if st.device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], st.device)
-    write_text_atomic(st.metrics, "".join(json.dumps(r) + "\n" for r in read_metrics(st.metrics)
+    write_text_atomic(st.metrics, "".join(metrics_line(r) for r in read_metrics(st.metrics)
                                           if r.get("step", 0) <= st.step))
     st.saved_step = st.step
 
@@ -329,7 +270,8 @@ def _rng_states(st: TrainState) -> dict[str, torch.Tensor]:
 
 
 def _train_step(st: TrainState) -> None:
-    """One optimizer step at ``lr_at(step)``; advance the bar; a train row every ``log_every``."""
+    """One optimizer step at ``lr_at(step)`` (not applied when the loss or gradient is not
+    finite); advance the bar; a train row every ``log_every``."""
     cfg, seq_len = st.cfg, st.recipe.data.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
     t = time.perf_counter()
@@ -338,7 +280,11 @@ def _train_step(st: TrainState) -> None:
         g["lr"] = lr
     loss, grad_norm = _gradients(st.model, st.params, st.train, st.gen, cfg, seq_len, st.device)
     st.updating = True
-    st.opt.step()
+    if finite(loss) and finite(grad_norm):
+        st.opt.step()
+        st.bad_steps = 0
+    else:
+        _skip(st, loss, grad_norm)
     st.step += 1
     st.tokens += tokens_per_step
     st.train_loss = loss
@@ -350,18 +296,49 @@ def _train_step(st: TrainState) -> None:
     st.bar.update(1)
     st.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.tokens_per_s:,.0f}")
     if st.due(cfg.log_every):
-        _append(st.metrics, {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        append_metrics(st.metrics, {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                              "tokens": st.tokens, "tokens_per_s": st.tokens_per_s,
-                             "elapsed": st.elapsed0 + time.perf_counter() - st.t0})
+                             "elapsed": st.elapsed0 + time.perf_counter() - st.t0,
+                             "skipped_steps": st.skipped_steps})
+        say(f"step {st.step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.3g}  grad_norm "
+            f"{grad_norm:.3g}  {st.tokens_per_s:,.0f} tok/s  skipped {st.skipped_steps}")
+    if st.bad_steps >= cfg.max_bad_steps:
+        _diverged(st)
+
+
+def _skip(st: TrainState, loss: float, grad_norm: float) -> None:
+    """Drop the gradients of a non-finite step instead of applying them."""
+    for p in st.params:
+        p.grad = None
+    st.bad_steps += 1
+    st.skipped_steps += 1
+    say(f"warning: step {st.step + 1}: loss {loss}, gradient norm {grad_norm}: not finite, "
+        f"optimizer step skipped ({st.bad_steps} in a row; the run stops at "
+        f"train.max_bad_steps={st.cfg.max_bad_steps})", warn=True)
+
+
+def _diverged(st: TrainState) -> None:
+    first = st.step - st.bad_steps + 1
+    good = (f"the last checkpoint (step {st.saved_step}) is kept: resume it with "
+            f"train.resume={st.run_dir} and a lower train.lr, or " if st.saved_step else "")
+    raise NonFiniteError(
+        what=f"training diverged: {st.bad_steps} steps in a row with a non-finite loss or "
+             f"gradient",
+        where=f"steps {first}..{st.step}, train.lr={st.cfg.lr}",
+        why="the loss or gradient norm was NaN or infinite at each; their updates were skipped "
+            "and the weights they came from are not checkpointed",
+        fix=good + "lower train.lr / raise train.warmup_steps (train.max_bad_steps sets how "
+                   "many such steps in a row stop a run)")
 
 
 def _validate(st: TrainState) -> None:
     st.val_loss = evaluate(st.model, st.val_batches, st.device, st.cfg.dtype)
     st.val_step = st.step
-    if st.best_val_loss is None or st.val_loss < st.best_val_loss:
+    if finite(st.val_loss) and (st.best_val_loss is None or st.val_loss < st.best_val_loss):
         st.best_val_loss = st.val_loss
-    _append(st.metrics, {"step": st.step, "val_loss": st.val_loss,
+    append_metrics(st.metrics, {"step": st.step, "val_loss": st.val_loss,
                          "val_bpb": st.val_loss * BITS_PER_NAT})
+    say(f"step {st.step}/{st.cfg.steps}  validation {st.val_loss * BITS_PER_NAT:.4f} bits/byte")
 
 
 def _maybe_evaluate(st: TrainState) -> None:
@@ -372,11 +349,22 @@ def _maybe_evaluate(st: TrainState) -> None:
 
 
 def _save(st: TrainState) -> None:
-    """Checkpoint this step with the RNG states as of its end."""
+    """Checkpoint this step with the RNG states as of its end. Not while the last step was not
+    finite (its weights give NaN), nor a model holding NaN or infinity: a warning, and the
+    earlier checkpoints stay."""
     st.elapsed = st.elapsed0 + time.perf_counter() - st.t0
-    save_checkpoint(st.run_dir, st.step, st.model, st.opt,
-                    {k: getattr(st, k) for k in _TRAINER_FIELDS},
-                    st.recipe.model_dump(mode="json"), st.snapshot, keep=st.cfg.keep_checkpoints)
+    if st.bad_steps:
+        say(f"warning: step {st.step}: no checkpoint: the last {st.bad_steps} step(s) had a "
+            "non-finite loss or gradient", warn=True)
+        return
+    try:
+        save_checkpoint(st.run_dir, st.step, st.model, st.opt,
+                        json_safe({k: getattr(st, k) for k in _TRAINER_FIELDS}),
+                        st.recipe.model_dump(mode="json"), st.snapshot,
+                        keep=st.cfg.keep_checkpoints)
+    except NonFiniteCheckpointError as e:
+        say(f"warning: step {st.step}: no checkpoint: {e.why}", warn=True)
+        return
     st.saved_step = st.step
 
 
@@ -385,17 +373,48 @@ def _maybe_checkpoint(st: TrainState) -> None:
         _save(st)
 
 
-def _on_interrupt(st: TrainState) -> None:
-    """Checkpoint the last completed step unless the interrupt landed inside an update."""
+def _status(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return "stopped_nonfinite" if isinstance(e, NonFiniteError) else "failed"
+
+
+def _on_stop(st: TrainState, e: BaseException) -> None:
+    """Checkpoint the last completed step, unless the stop landed inside an optimizer update or
+    the run diverged; then write loss.png and summary.json with the status."""
     st.bar.close()
-    if st.updating:
-        print("interrupted inside an optimizer update: no checkpoint written for it",
-              file=sys.stderr)
-    else:
-        if st.saved_step != st.step:
+    status = _status(e)
+    if status == "stopped_nonfinite":
+        pass
+    elif st.updating:
+        say("stopped inside an optimizer update: no checkpoint written for it", warn=True)
+    elif st.saved_step != st.step:
+        try:
             _save(st)
-        print(f"stopped at step {st.step} (checkpointed); continue with "
-              f"train.resume={st.run_dir}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - the original error is the one to report
+            say(f"warning: no checkpoint written at the stop: {err}", warn=True)
+    if st.saved_step is not None:
+        say(f"stopped at step {st.step} ({status}); the last checkpoint is step "
+            f"{st.saved_step}: continue with train.resume={st.run_dir}", warn=True)
+    error = (e.render() if hasattr(e, "render") else f"{type(e).__name__}: {e}"
+             if status == "failed" else st.stop_signal or "KeyboardInterrupt")
+    _record(st, status, error=error)
+
+
+def _record(st: TrainState, status: str, error: str | None = None) -> dict:
+    """Write loss.png and summary.json (:mod:`composer.run.records`); return the summary."""
+    summary = {"status": status, "run_dir": str(st.run_dir), "steps": st.step,
+               "tokens": st.tokens, "train_loss": st.train_loss, "val_loss": st.val_loss,
+               "val_bpb": None if st.val_loss is None else st.val_loss * BITS_PER_NAT,
+               "unigram_bpb": st.unigram_bpb, "best_val_loss": st.best_val_loss,
+               "tokens_per_s": st.session_tokens / st.train_time if st.train_time else None,
+               "wall_s": time.perf_counter() - st.t0, "params": st.n_params,
+               "device": str(st.device), "skipped_steps": st.skipped_steps,
+               "last_checkpoint": st.saved_step}
+    if error is not None:
+        summary["error"] = error
+    return write_records(st.run_dir, st.metrics, summary,
+                         title=f"{st.run_dir.name}: {st.n_params / 1e6:.2f}M parameters")
 
 
 def _finish(st: TrainState) -> dict:
@@ -406,38 +425,35 @@ def _finish(st: TrainState) -> dict:
         _validate(st)
     if st.saved_step != st.step:
         _save(st)
-
-    run_dir, uni = st.run_dir, st.unigram_bpb
-    val_bpb = st.val_loss * BITS_PER_NAT
-    plot_losses(read_metrics(st.metrics), run_dir / "loss.png",
-                title=f"{run_dir.name}: {st.n_params / 1e6:.2f}M parameters")
-    summary = {"run_dir": str(run_dir), "steps": st.step, "tokens": st.tokens,
-               "train_loss": st.train_loss, "val_loss": st.val_loss, "val_bpb": val_bpb,
-               "unigram_bpb": uni, "best_val_loss": st.best_val_loss,
-               "tokens_per_s": st.session_tokens / st.train_time if st.train_time else None,
-               "wall_s": time.perf_counter() - st.t0, "params": st.n_params,
-               "device": str(st.device)}
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    summary = _record(st, "completed")
+    val_bpb, uni = st.val_loss * BITS_PER_NAT, st.unigram_bpb
     verdict = "below" if val_bpb < uni else "NOT below"
-    print(f"step {st.step}: validation {val_bpb:.3f} bits/byte, {verdict} the unigram "
-          f"baseline {uni:.3f}; run folder {run_dir}")
+    line = (f"step {st.step}: validation {val_bpb:.3f} bits/byte, {verdict} the unigram "
+            f"baseline {uni:.3f}; run folder {st.run_dir}")
+    print(line)
+    say(line)
     return summary
 
 
 def run(recipe, run_dir: Path) -> dict:
     """Train ``recipe`` in ``run_dir`` (or continue ``train.resume``); return the summary
-    (also written to ``summary.json``): steps, tokens, train_loss, val_loss (nats), val_bpb,
-    unigram_bpb, best_val_loss, tokens_per_s, wall_s, params, device, run_dir."""
-    st = _setup(recipe, run_dir)
-    try:
-        with _sigint_sets(st):
-            while st.step < st.cfg.steps:
-                if st.interrupted:
-                    raise KeyboardInterrupt
-                _train_step(st)
-                _maybe_evaluate(st)
-                _maybe_checkpoint(st)
-    except KeyboardInterrupt:
-        _on_interrupt(st)
-        raise
-    return _finish(st)
+    (also written to ``summary.json``): status, steps, tokens, train_loss, val_loss (nats),
+    val_bpb, unigram_bpb, best_val_loss, tokens_per_s, wall_s, params, device, run_dir,
+    skipped_steps, last_checkpoint. A stop raises (``KeyboardInterrupt``,
+    :class:`~composer.run.guards.NonFiniteError`, ...) after checkpointing and writing
+    summary.json (with the stop's status) and loss.png."""
+    run_dir, ckpt = run_folder(recipe, run_dir)
+    with run_lock(run_dir):
+        st = _setup(recipe, run_dir, ckpt)
+        try:
+            with stop_signals(st):
+                while st.step < st.cfg.steps:
+                    if st.interrupted:
+                        raise KeyboardInterrupt
+                    _train_step(st)
+                    _maybe_evaluate(st)
+                    _maybe_checkpoint(st)
+        except BaseException as e:
+            _on_stop(st, e)
+            raise
+        return _finish(st)

@@ -85,7 +85,8 @@ def test_lr_schedule():
 @pytest.mark.parametrize("how", ["sigint", "raise"])
 def test_interrupt_then_resume_matches_straight_run(tmp_path, monkeypatch, straight, how):
     """Ctrl-C during a step: a checkpoint of step 4 appears (with the batch generator as it was
-    after step 4), and resuming reproduces the straight run."""
+    after step 4) and a summary saying the run was interrupted there, and resuming reproduces
+    the straight run."""
     calls = {"n": 0}
     real = train_mod.sample_batch
 
@@ -104,7 +105,8 @@ def test_interrupt_then_resume_matches_straight_run(tmp_path, monkeypatch, strai
         run(tiny(), d)
     monkeypatch.setattr(train_mod, "sample_batch", real)
     assert (d / "checkpoints" / "latest").read_text().strip() == "step_000004"
-    assert not (d / "summary.json").exists()
+    stopped = json.loads((d / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["last_checkpoint"] == 4
     s = run(tiny(f"train.resume={d}"), tmp_path / "unused")
     assert s["run_dir"] == str(d) and not (tmp_path / "unused").exists()
     _same_curve(d, straight[0])
