@@ -25,7 +25,8 @@ Shapes: q, k (B, T, H, K); v (B, T, H, V); b (B, T, H) or (B, T, H, K); a None o
 (B, T, H, K); log_w None (w = 1), (B, T, H) or (B, T, H, K), every entry <= 0; state
 (B, H, K, V). Returns o (B, T, H, V) and the final state (B, H, K, V) in the dtype of ``q``;
 both backends compute in float32 (float64 for float64 inputs). Both take every form above, and
-the chunked one is exact for all of them, decays near 0 and near 1 included.
+the chunked one is exact for all of them, decays near 0 and near 1 included (log w down to
+-inf: float64 prefix sums where a chunk decays far, see ``chunked._prefix_sums``).
 """
 from composer.core.registry import register_op
 

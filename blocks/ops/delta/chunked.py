@@ -15,6 +15,31 @@ SUB = 16
 SPAN = 40.0
 """Largest decay range, -sum log w, inside one sub-chunk that the factorised form takes
 (exp(40) ~ 2e17: far from overflow, even in float32)."""
+PREFIX_SPAN = 40.0
+"""Largest decay range, -sum log w, of any chunk for which a call takes the decays between
+positions, exp(Lam_i - Lam_j), from prefix sums Lam in the compute dtype: each rounding of
+Lam is then at most 2^-24 * 40 in float32. A call with a chunk decaying further (an early
+decay near 0 makes every later Lam large, and their differences lose all digits: ulp(1e4)
+~ 1e-3 in float32) takes Lam in float64 (see :func:`_prefix_sums`)."""
+LOG_W_FLOOR = -1000.0
+"""Floor on each log decay where the prefix sums are float64: exp(-1000) is 0 in float32 and
+float64 alike, so every decay across a floored step stays exactly 0, and no -inf (or -1e30)
+swamps the sums or makes -inf - -inf."""
+
+
+def _prefix_sums(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lw, Lam) for log decays lw (..., C, Kd): Lam_i = sum_{s<=i} lw_s along the chunk, in
+    lw's dtype where every chunk decays at most PREFIX_SPAN (settled by the chunk totals
+    Lam_C: lw <= 0, so |Lam_i| <= |Lam_C|), else lw floored at LOG_W_FLOOR (a new tensor, in
+    its own dtype) and Lam in float64, whose roundings at |Lam| <= 1000 C (7e-12 for C = 64)
+    leave every difference exact to float32. Sums of log decays taken directly (the suffix
+    sums) and exp(Lam) itself (rounding Lam costs at most 2^-24 / e absolute) need only lw's
+    dtype."""
+    Lam = lw.cumsum(-2)
+    if not Lam.numel() or bool(Lam[..., -1, :].min() >= -PREFIX_SPAN):    # NaN: float64
+        return lw, Lam
+    lw = lw.clamp_min(LOG_W_FLOOR)
+    return lw, lw.to(torch.float64).cumsum(-2)
 
 
 def _pairs(x_rows, y_cols, L_rows, Lam, strict_rows: int):
@@ -29,18 +54,22 @@ def _pairs(x_rows, y_cols, L_rows, Lam, strict_rows: int):
         out[r, p, i, j] = sum_k x_r[i, k] y_p[j, k] exp(L_r[i, k] - Lam[j, k])    j <= i - o_r
 
     else 0. Every exponent taken is <= 0, so any decay, however close to 0, neither overflows
-    nor gives NaN. The pairs j = i - o_r have exponent 0 whatever the decays: they are plain
-    dot products here, so that no gradient reaches the decays through them (it would cancel
-    only up to rounding, drowning the true, tiny gradients of decays near 0).
+    nor gives NaN. Lam and L_rows may be float64 (:func:`_prefix_sums`): each exponent is a
+    difference taken in their dtype, then rounded to x's. The pairs j = i - o_r have exponent
+    0 whatever the decays: they are plain dot products here, so that no gradient reaches the
+    decays through them (it would cancel only up to rounding, drowning the true, tiny
+    gradients of decays near 0).
     """
     C = Lam.shape[-2]
     R, P = x_rows.shape[-3], y_cols.shape[-3]
+    dt = x_rows.dtype
     lags = [1 if r < strict_rows else 0 for r in range(R)]
     idx = torch.arange(C, device=Lam.device)
     decayed = torch.stack([idx[None, :] < idx[:, None] - o for o in lags])      # (R, C, C)
     unit = torch.stack([idx[None, :] == idx[:, None] - o for o in lags])        # (R, C, C)
     if Lam.shape[-1] == 1:                       # one decay per head: it leaves the K-sum
-        diff = L_rows[..., 0][..., :, :, None] - Lam[..., 0][..., None, None, :]  # (..,R,C,C)
+        diff = (L_rows[..., 0][..., :, :, None]
+                - Lam[..., 0][..., None, None, :]).to(dt)                       # (.., R, C, C)
         decay = diff.masked_fill(~decayed, float("-inf")).exp() + unit.to(diff.dtype)
         xy = x_rows.flatten(-3, -2) @ y_cols.flatten(-3, -2).transpose(-1, -2)  # (.., RC, PC)
         xy = xy.unflatten(-1, (P, C)).unflatten(-3, (R, C)).transpose(-3, -2)  # (..,R,P,C,C)
@@ -57,12 +86,17 @@ def _pairs(x_rows, y_cols, L_rows, Lam, strict_rows: int):
     K = x_rows.shape[-1]
     sh = x_rows.shape[:-3]
     ref = F.pad(Lam.detach(), (0, 0, 1, 0))[..., :C:s, :]                      # (.., m, K)
+    end = Lam.detach()[..., s - 1::s, :]                     # Lam at each sub-chunk's end
     xs = x_rows.reshape(*sh, R, m, s, K)
     Ls = L_rows.reshape(*sh, R, m, s, K)
-    x_hat = xs * (Ls - ref[..., None, :, None, :]).exp()                        # (..,R,m,s,K)
-    narrow = bool((ref - Lam[..., s - 1::s, :]).max() <= SPAN)
+    x_hat = xs * (Ls - ref[..., None, :, None, :]).to(dt).exp()                 # (..,R,m,s,K)
+    narrow = bool((ref - end).max() <= SPAN)
     upto = (torch.arange(m, device=Lam.device) + int(narrow)) * s
-    e = (ref[..., :, None, :] - Lam[..., None, :, :]).masked_fill(
+    # for j in sub-chunk J, ref_I - Lam_j = (ref_I - end_J) + (end_J - Lam_j): for J < I two
+    # sums of log decays (<= 0: no cancellation), each rounded to x's dtype alone
+    blk = (ref[..., :, None, :] - end[..., None, :, :]).to(dt)                  # (.., m, m, K)
+    tail = (end[..., :, None, :] - Lam.unflatten(-2, (m, s))).to(dt)            # (.., m, s, K)
+    e = (blk[..., None, :] + tail[..., None, :, :, :]).flatten(-3, -2).masked_fill(
         ~(idx[None, :] < upto[:, None])[..., None], float("-inf")).exp()        # (.., m, C, K)
     y_hat = (y_cols[..., :, None, :, :] * e[..., None, :, :, :]).transpose(-4, -3)
     out = x_hat.transpose(-4, -3).flatten(-3, -2) @ y_hat.flatten(-3, -2).transpose(-1, -2)
@@ -75,10 +109,14 @@ def _pairs(x_rows, y_cols, L_rows, Lam, strict_rows: int):
         return out
     ys = y_cols.reshape(*sh, P, m, s, K)
     Lc = Lam.reshape(*sh, m, s, K)
-    local = decayed.view(R, m, s, m, s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-    dd = (Ls[..., :, :, None, :] - Lc[..., None, :, None, :, :]).masked_fill(
-        ~local[..., None], float("-inf")).exp()                                 # (..,R,m,s,s,K)
-    diag = torch.einsum("...rmik,...pmjk,...rmijk->...rpmij", xs, ys, dd)       # (..,R,P,m,s,s)
+    # the diagonal blocks' decays exp(Lam_i - Lam_j), j < i, made once: a row with lag o
+    # (L = Lam_{i-o}) reads row i - o of them, its first o rows have no pairs
+    below = torch.ones(s, s, dtype=torch.bool, device=Lam.device).tril(-1)
+    dd = (Lc[..., :, :, None, :] - Lc[..., :, None, :, :]).to(dt).masked_fill(
+        ~below[..., None], float("-inf")).exp()                                 # (.., m, s, s, K)
+    diag = torch.stack([F.pad(torch.einsum("...mik,...pmjk,...mijk->...pmij",
+                                           xs[..., r, :, o:, :], ys, dd[..., :s - o, :, :]),
+                              (0, 0, o, 0)) for r, o in enumerate(lags)], -5)   # (..,R,P,m,s,s)
     blocks = torch.diag_embed(diag.movedim(-3, -1))                             # (..,s,s,m,m)
     return out + blocks.movedim(-2, -4).transpose(-1, -2).reshape(*sh, R, P, C, C)
 
@@ -132,7 +170,10 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     With a = k and b = beta k (beta one number per token) both writes share the key k, with
     value z = beta u + v, so only A_kk and A_qk are needed; with one decay per head (or none)
     that case runs :class:`_PlainDelta`, the same products with a hand-written backward
-    (DeltaNet, Gated DeltaNet).
+    (DeltaNet, Gated DeltaNet). The decays between positions are differences of prefix sums,
+    float32 ones only in calls whose chunks all decay at most PREFIX_SPAN (see
+    :func:`_prefix_sums`), so every decay keeps float32 precision, however strong the decays
+    before it.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -152,26 +193,27 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
     qc, kc, vc, bc = prep(q), prep(k), prep(v), prep(b)
     lw = (prep(log_w) if log_w is not None
           else torch.zeros(B, H, n, C, 1, dtype=acc, device=q.device))
-    Lam = lw.cumsum(-2)                                                  # (B, H, n, C, Kd)
-    Lam_prev = F.pad(Lam, (0, 0, 1, 0))[..., :C, :]                      # Lam_{i-1}, exact
-    # decay from each token to the chunk's end, summed directly (no Lam_C - Lam_j cancellation)
-    E = F.pad(lw.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1)).exp()
     if a is None and b.dim() == 3 and (log_w is None or log_w.dim() == 3):
         S_in = (torch.zeros(B, H, K, V, dtype=acc, device=q.device) if state is None
                 else state.to(acc))
         o, S = _PlainDelta.apply(qc, kc, vc, bc, None if log_w is None else lw, S_in)
         o = o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
         return o.to(q.dtype), S.to(q.dtype)
+    lw, Lam = _prefix_sums(lw)               # (B, H, n, C, Kd); float64 if a chunk decays far
+    Lam_prev = F.pad(Lam, (0, 0, 1, 0))[..., :C, :]                      # Lam_{i-1}, exact
+    g, g_prev = Lam.to(acc).exp(), Lam_prev.to(acc).exp()
+    # decay from each token to the chunk's end, summed directly (no Lam_C - Lam_j cancellation)
+    E = F.pad(rcumsum(lw)[..., 1:, :], (0, 0, 0, 1)).exp()
     if a is None and b.dim() == 3:               # plain delta rule: one write key, k
         A = _pairs(torch.stack([kc, qc], -3), kc[..., None, :, :],
                    torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,1,C,C)
         A_kk, A_qk = A.squeeze(-3).unbind(-3)             # unbind: no whole-size zero grads
         WU = _solve_unit_lower(A_kk * bc.transpose(-1, -2),                # [W | U]
-                               torch.cat([kc * Lam_prev.exp(), A_kk @ vc], -1))
+                               torch.cat([kc * g_prev, A_kk @ vc], -1))
         WZ = bc * WU + F.pad(vc, (K, 0))                # z = W_z S_0 + Z, stored as [W_z | Z]
         read = A_qk @ WZ                                                 # (B, H, n, C, K+V)
         read_q, o_local = read.split([K, V], -1)
-        q_read = qc * Lam.exp() + read_q
+        q_read = qc * g + read_q
         MN = (kc * E).transpose(-1, -2) @ WZ                             # (B, H, n, K, K+V)
         M, N = MN.split([K, V], -1)
     else:
@@ -180,14 +222,14 @@ def delta_chunked(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int
         A = _pairs(torch.stack([ac, qc], -3), torch.stack([bc, kc], -3),
                    torch.stack([Lam_prev, Lam], -3), Lam, strict_rows=1)  # (B,H,n,2,2,C,C)
         (A_ab, A_ak), (A_qb, A_qk) = (row.unbind(-3) for row in A.unbind(-4))
-        WU = _solve_unit_lower(A_ab, torch.cat([ac * Lam_prev.exp(), A_ak @ vc], -1))  # [W|U]
+        WU = _solve_unit_lower(A_ab, torch.cat([ac * g_prev, A_ak @ vc], -1))  # [W | U]
         read = A_qb @ WU                                                 # [A_qb W | A_qb U]
         read_q, read_u = read.split([K, V], -1)
-        q_read, o_local = qc * Lam.exp() + read_q, read_u + A_qk @ vc
+        q_read, o_local = qc * g + read_q, read_u + A_qk @ vc
         MN = (bc * E).transpose(-1, -2) @ WU                             # (B, H, n, K, K+V)
         M, N = MN.split([K, V], -1)
         N = N + (kc * E).transpose(-1, -2) @ vc
-    M = M + torch.diag_embed(Lam[..., -1, :].exp().expand(B, H, n, K))  # (B, H, n, K, K)
+    M = M + torch.diag_embed(g[..., -1, :].expand(B, H, n, K))          # (B, H, n, K, K)
     S = (torch.zeros(B * H, K, V, dtype=acc, device=q.device) if state is None
          else state.to(acc).reshape(B * H, K, V))
     entering = []
@@ -229,18 +271,23 @@ class _PlainDelta(torch.autograd.Function):
         idx = torch.arange(C, device=q.device)
         strict_q = idx[None, :] < idx[:, None]                       # j < i
         strict_k = idx[None, :] < idx[:, None] - 1                   # j < i - 1
+        dt = q.dtype
+        ctx.floored = None
         if lw is None:
             g = g_prev = E = None
-            Dq, Dk = strict_q.to(q.dtype), strict_k.to(q.dtype)
+            Dq, Dk = strict_q.to(dt), strict_k.to(dt)
         else:
-            Lam2 = lw.cumsum(-2) * LOG2E                             # (.., C, 1), log2 units
+            lw_, Lam = _prefix_sums(lw)              # float64 (floored) if a chunk decays far
+            if lw_ is not lw:
+                ctx.floored = lw < LOG_W_FLOOR
+            Lam2 = Lam * LOG2E                                       # (.., C, 1), log2 units
             Lam2_prev = F.pad(Lam2, (0, 0, 1, 0))[..., :C, :]
-            g, g_prev = Lam2.exp2(), Lam2_prev.exp2()
+            g, g_prev = Lam2.to(dt).exp2(), Lam2_prev.to(dt).exp2()
             # decay from each token to the chunk's end, summed directly (no cancellation)
-            E = F.pad(rcumsum(lw)[..., 1:, :], (0, 0, 0, 1)).exp()
+            E = F.pad(rcumsum(lw_)[..., 1:, :], (0, 0, 0, 1)).exp()
             col = Lam2.transpose(-1, -2)
-            Dq = (Lam2 - col).masked_fill_(~strict_q, float("-inf")).exp2_()
-            Dk = (Lam2_prev - col).masked_fill_(~strict_k, float("-inf")).exp2_()
+            Dq = (Lam2 - col).to(dt).masked_fill_(~strict_q, float("-inf")).exp2_()
+            Dk = F.pad(Dq[..., :-1, :], (0, 0, 1, 0))       # Dk[i] = Dq[i - 1] (Lam_{i-1})
         kk = bmm(k, k.transpose(-1, -2))
         qk = bmm(q, k.transpose(-1, -2))
         Ak = kk * Dk
@@ -332,6 +379,8 @@ class _PlainDelta(torch.autograd.Function):
             dLam[..., -1, :] += dM.diagonal(0, -2, -1).sum(-1, keepdim=True) * g[..., -1, :]
             dE = (dkE * k).sum(-1, keepdim=True).mul_(E)            # E_j = exp(sum_{s>j})
             dlw = rcumsum(dLam).add_(excl_cumsum(dE))
+            if ctx.floored is not None:                  # the floor's gradient: 0 below it
+                dlw.masked_fill_(ctx.floored, 0.0)
         bmm_add(dk, dkk + dkk.transpose(-1, -2), k)                  # kk = k k^T
         bmm_add(dk, dqk.transpose(-1, -2), q)                        # qk = q k^T
         bmm_add(dq, dqk, k)
