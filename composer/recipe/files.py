@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from omegaconf._utils import get_yaml_loader
 
 from composer.core.errors import RecipeError
+from composer.recipe.problems import short_repr
 
 SECTIONS = ("model", "data", "train", "kernels")
 _TMP: list[str] = []
@@ -90,14 +91,9 @@ def read_file(path: Path) -> dict[str, Any]:
             raise RecipeError(what=f"section '{section}' is not a mapping",
                               where=f"{path}: {section}",
                               why=f"'{section}:' holds its keys (e.g. {section}.<key>: value), "
-                                  f"this one a {type(value).__name__} {_short(value)}",
+                                  f"this one a {type(value).__name__} {short_repr(value)}",
                               fix=f"write the keys of {section} under it, indented")
     return data
-
-
-def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
 
 
 def _packaged_root(recipes: Path) -> dict[str, Any]:

@@ -110,12 +110,13 @@ def pydantic_problems(err: ValidationError, prefix: tuple = (),
                                      why=e["msg"], fix=f"set {where}"))
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            probs.append(RecipeError(what=f"bad value {_short(value)}", where=where, why=msg,
+            probs.append(RecipeError(what=f"bad value {short_repr(value)}", where=where, why=msg,
                                      fix=_fix_for(e)))
     return probs
 
 
-def _short(v: Any) -> str:
+def short_repr(v: Any) -> str:
+    """``repr(v)``, cut to 80 characters for an error message."""
     s = repr(v)
     return s if len(s) <= 80 else s[:77] + "..."
 
