@@ -20,10 +20,9 @@ from functools import lru_cache
 
 import networkx as nx
 import torch
-from torch import nn
 
 from composer.build.graph import layout
-from composer.build.model import make_norm, sub_layer
+from composer.build.model import node_module
 from composer.core.errors import RecipeError
 from composer.core.registry import get_block
 
@@ -106,16 +105,7 @@ def _count(a: dict, m, cache: dict) -> int:
         return cache[ck][1]
     try:
         with torch.device("meta"):
-            if op == "embed":
-                mod = nn.Embedding(m.vocab_size, m.d_model)
-            elif op == "norm":
-                mod = make_norm(m.norm, m.d_model, m.norm_eps)
-            elif op == "head":
-                mod = nn.Linear(m.d_model, m.vocab_size, bias=False)
-            elif op == "combine":
-                mod = get_block(spec.kind).module(spec, m.d_model)
-            else:  # residual or branch: pre-norm + block
-                mod = sub_layer(spec, m)
+            mod = node_module(op, spec, m)
     except (RuntimeError, TypeError, OverflowError) as e:  # sizes past 2**63, even on meta
         why = str(e).strip().splitlines()[0]
         raise RecipeError(what="the model is too large to build",

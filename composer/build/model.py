@@ -52,11 +52,26 @@ def sub_layer(spec, m) -> SubLayer:
                     get_block(spec.kind).module(spec, m.d_model))
 
 
+def node_module(op: str, spec, m) -> nn.Module:
+    """The module that runs a graph node of kind ``op`` alone (a combine node: its combine
+    step, without the branches, which are nodes of their own). The layer graph counts
+    parameters on these, the model is built from them."""
+    if op == "embed":
+        return nn.Embedding(m.vocab_size, m.d_model)
+    if op == "norm":
+        return make_norm(m.norm, m.d_model, m.norm_eps)
+    if op == "head":
+        return nn.Linear(m.d_model, m.vocab_size, bias=False)
+    if op == "combine":
+        return get_block(spec.kind).module(spec, m.d_model)
+    return sub_layer(spec, m)  # residual or branch: pre-norm + block
+
+
 def _entry_module(attrs: dict, m) -> nn.Module:
     spec = attrs["spec"]
     if attrs["op"] == "combine":
         return ParallelSubLayer([sub_layer(m.spec(b), m) for b in spec.branches],
-                                get_block(spec.kind).module(spec, m.d_model))
+                                node_module("combine", spec, m))
     return sub_layer(spec, m)
 
 
@@ -76,7 +91,7 @@ class ComposedModel(nn.Module):
         m = model_cfg
         self.graph = graph
         self.kernels = dict(kernels or {})
-        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.embed = node_module("embed", None, m)
         self.layers = nn.ModuleDict()
         self.shared = nn.ModuleDict()
         for nid in graph.nodes:
@@ -88,8 +103,8 @@ class ComposedModel(nn.Module):
             holder = self.layers if group == "layers" else self.shared
             if key not in holder:
                 holder[key] = _entry_module(a, m)
-        self.norm = make_norm(m.norm, m.d_model, m.norm_eps)
-        self.head = None if m.tie_embeddings else nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.norm = node_module("norm", None, m)
+        self.head = None if m.tie_embeddings else node_module("head", None, m)
         order = execution_order(graph)
         last_read = {i: step for step, nid in enumerate(order) for i in data_inputs(graph, nid)}
         # plan step: (node, op, module path, input nodes, values no later step reads)
