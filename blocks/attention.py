@@ -19,8 +19,8 @@ projection yields [query | gate] per head, Qwen3-Next's layout, so its weights c
 norms, RoPE, gate); ``block_attention`` and ``sparse_attention`` reuse it with their own mask
 and cache.
 
-State: a KV cache ``{"k", "v", "pos"}``; with a window it keeps only the last w - 1 positions,
-so memory stays constant during generation.
+State: a :class:`blocks.common.KVCache`: every position (global), or a ring of the last w
+positions (window), so memory stays constant during generation; written in place.
 """
 from __future__ import annotations
 
@@ -51,19 +51,20 @@ class AttentionSpec(SoftmaxAttentionSpec):
 class Attention(SoftmaxAttention):
     """Causal multi-head attention with GQA, RoPE, qk-norm, output gate, optional window."""
 
-    def forward(self, x, state=None):
-        T = x.shape[1]
-        pos0 = 0 if state is None else state["pos"]
-        q, k, v, gate = self.project(x, pos0)
-        k = self.extend(None if state is None else state["k"], k)      # (B, Hkv, Tc + T, hd)
-        v = self.extend(None if state is None else state["v"], v)
-        y = self.attend(q, k, v, q_pos0=pos0, k_pos0=pos0 + T - k.shape[2],
-                        window=self.spec.window)
+    def init_state(self, batch, device, dtype):
         w = self.spec.window
-        keep = k.shape[2] if w is None else min(k.shape[2], w - 1)
-        new_state = {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:],
-                     "pos": pos0 + T}
-        return self.output(y, gate), new_state
+        return self.cache(batch, device, dtype, *(("global", None) if w is None
+                                                   else ("window", w)))
+
+    def forward(self, x, state=None):
+        q, k, v, gate = self.project(x, 0 if state is None else state.pos)
+        w = self.spec.window
+        if state is None:                     # whole sequence: the cache views k and v
+            y = self.attend(q, k, v, window=w)
+            state = self.init_state(x.shape[0], x.device, x.dtype)._rebuilt(k, v)
+        else:
+            y, state = self.attend_cached(q, k, v, state, window=w)
+        return self.output(y, gate), state
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):
@@ -73,6 +74,6 @@ class Attention(SoftmaxAttention):
 
     @classmethod
     def state_bytes(cls, spec, d_model, T, dtype_bytes=4):
-        kept = T if spec.window is None else min(T, spec.window - 1)
+        kept = T if spec.window is None else min(T, spec.window)   # the ring: w slots
         return cls.cache_bytes(spec, d_model, kept, dtype_bytes)
 

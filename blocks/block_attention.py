@@ -12,8 +12,8 @@ Projections, GQA, RoPE (absolute positions), qk-norm and output gate are those o
 ``attention`` block (:class:`blocks.common.SoftmaxAttention`); the mask goes to
 ``op("attention")`` as ``block_size``.
 
-State: ``{"k", "v", "pos"}``, the keys and values of the current, unfinished block
-(pos mod b positions, at most b - 1).
+State: a :class:`blocks.common.KVCache` of b slots holding the keys and values of the block
+of the last token seen.
 """
 from __future__ import annotations
 
@@ -42,17 +42,18 @@ class BlockAttentionSpec(SoftmaxAttentionSpec):
 class BlockAttention(SoftmaxAttention):
     """Causal attention within aligned blocks of ``block_size`` tokens (GQA, RoPE, gate)."""
 
+    def init_state(self, batch, device, dtype):
+        return self.cache(batch, device, dtype, "block", self.spec.block_size)
+
     def forward(self, x, state=None):
-        T, b = x.shape[1], self.spec.block_size
-        pos0 = 0 if state is None else state["pos"]
-        q, k, v, gate = self.project(x, pos0)
-        k = self.extend(None if state is None else state["k"], k)      # (B, Hkv, Tc + T, hd)
-        v = self.extend(None if state is None else state["v"], v)
-        y = self.attend(q, k, v, q_pos0=pos0, k_pos0=pos0 + T - k.shape[2], block_size=b)
-        keep = (pos0 + T) % b                                           # the open block
-        new_state = {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:],
-                     "pos": pos0 + T}
-        return self.output(y, gate), new_state
+        b = self.spec.block_size
+        q, k, v, gate = self.project(x, 0 if state is None else state.pos)
+        if state is None:                     # whole sequence: the cache views k and v
+            y = self.attend(q, k, v, block_size=b)
+            state = self.init_state(x.shape[0], x.device, x.dtype)._rebuilt(k, v)
+        else:
+            y, state = self.attend_cached(q, k, v, state, block_size=b)
+        return self.output(y, gate), state
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):
@@ -64,5 +65,6 @@ class BlockAttention(SoftmaxAttention):
 
     @classmethod
     def state_bytes(cls, spec, d_model, T, dtype_bytes=4):
-        """The largest cache over T tokens: min(T, b - 1) positions."""
-        return cls.cache_bytes(spec, d_model, min(T, spec.block_size - 1), dtype_bytes)
+        """The largest cache over T tokens: min(T, b) positions (a step writes its token
+        into the block's b slots before attending)."""
+        return cls.cache_bytes(spec, d_model, min(T, spec.block_size), dtype_bytes)

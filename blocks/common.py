@@ -70,6 +70,12 @@ def causal_conv(conv: nn.Conv1d, x: torch.Tensor,
     """
     seq = torch.cat([prev.to(x.dtype), x.transpose(1, 2)], dim=-1)        # (B, C, k - 1 + T)
     keep = conv.kernel_size[0] - 1
+    if x.shape[1] == 1:
+        # one decode step: the window times the taps, summed (conv1d costs ~10x more here)
+        y = (seq * conv.weight[:, 0]).sum(-1)                                      # (B, C)
+        if conv.bias is not None:
+            y = y + conv.bias
+        return y[:, None], seq[..., 1:]
     return conv(seq).transpose(1, 2), seq[..., seq.shape[-1] - keep:]
 
 
@@ -89,6 +95,31 @@ def rope_cache(dim: int, theta: float, positions: torch.Tensor,
     return ang.cos(), ang.sin()
 
 
+class RopeTable:
+    """cos, sin of :func:`rope_cache` for positions 0 .. n-1, computed once and sliced.
+
+    A decode step needs the angles of one position; recomputing them costs ~8 small ops per
+    call. The table holds every position seen so far (doubling when a call goes past it) per
+    (device, dtype); a slice of it equals :func:`rope_cache` of the same positions exactly
+    (the angles are elementwise products of the same integers and inverse frequencies).
+    A plain attribute, not a buffer: it is no part of a checkpoint.
+    """
+
+    def __init__(self, dim: int, theta: float):
+        self.dim, self.theta = dim, theta
+        self._tables: dict = {}
+
+    def get(self, pos0: int, T: int, device, dtype: torch.dtype):
+        """cos, sin (T, dim) for positions pos0 .. pos0 + T - 1."""
+        key = (torch.device(device), dtype)
+        cos, sin = self._tables.get(key, (None, None))
+        if cos is None or cos.shape[0] < pos0 + T:
+            n = max(pos0 + T, 2 * (0 if cos is None else cos.shape[0]), 64)
+            cos, sin = rope_cache(self.dim, self.theta, torch.arange(n, device=device), dtype)
+            self._tables[key] = (cos, sin)
+        return cos[pos0:pos0 + T], sin[pos0:pos0 + T]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x (B, H, T, D) by position.
 
@@ -101,6 +132,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     if cos.shape[-1] == 0:
         return x
+    if not torch.is_grad_enabled():                 # generation: skip the autograd wrapper
+        return _rotate(x, cos, sin, 1.0)
     return _Rope.apply(x, cos, sin)
 
 
@@ -154,6 +187,189 @@ class HeadRMSNorm(nn.Module):
     def forward(self, x):
         w = self.weight.to(torch.promote_types(x.dtype, torch.float32))
         return rms_norm(x, 1 + w if self.offset else w, self.eps)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache (the attention, block_attention and sparse_attention blocks)
+# --------------------------------------------------------------------------------------------
+class _KVStore:
+    """The buffers a chain of :class:`KVCache` objects writes into, and the ``pos`` of the
+    object that wrote last."""
+
+    __slots__ = ("k", "v", "frontier")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, frontier: int):
+        self.k, self.v, self.frontier = k, v, frontier
+
+
+class KVCache:
+    """Keys and values one softmax-attention block keeps between calls, written in place.
+
+    Buffers ``k``, ``v``: (B, Hkv, cap, hd). After ``pos`` tokens it keeps
+
+    * ``kind="global"``: every position, p in slot p; with ``limit`` only p < limit (sparse
+      attention's first g tokens). ``cap`` grows by doubling, or is set by :meth:`reserve`
+      (generation sizes it to the prompt plus the new tokens, so nothing is ever copied);
+    * ``kind="window"``, ``ring`` = w: the last min(pos, w) positions, in a ring of w slots;
+    * ``kind="block"``, ``ring`` = b: the positions of the block holding the last token seen
+      (1 .. b of them).
+
+    In a ring, position p sits in slot (p + shift) % ring; until the ring is full its positions
+    sit in slots 0, 1, ... in order (a block's first position is a multiple of b, so shift is
+    0 there). A block writes the current token before attending, so a step needs exactly w (b)
+    slots: ``state_bytes`` counts w (b) positions for a window (block), T for global attention.
+
+    :meth:`write` returns a new object sharing the buffers: the new keys go into free slots (or
+    over the oldest ring slots), nothing else is copied. ``_KVStore.frontier`` records the
+    ``pos`` of the newest writer. An older object of the chain stays valid for a global cache
+    (its slots are never overwritten; writing from it again copies the buffers first, so a
+    generation may branch); a ring overwrites old slots, so using a stale ring object raises
+    (:meth:`copy` before branching). Under autograd (keys or buffers that require grad) a write
+    builds new buffers out of place, so no tensor a backward needs is modified.
+    """
+
+    __slots__ = ("store", "pos", "kind", "ring", "limit", "shift")
+
+    def __init__(self, store: _KVStore, pos: int, kind: str = "global",
+                 ring: int | None = None, limit: int | None = None, shift: int = 0):
+        self.store, self.pos, self.kind = store, pos, kind
+        self.ring, self.limit, self.shift = ring, limit, shift
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, dim: int, device, dtype, kind: str = "global",
+              ring: int | None = None, limit: int | None = None) -> "KVCache":
+        z = torch.zeros(batch, heads, 0, dim, device=device, dtype=dtype)
+        return cls(_KVStore(z, z.clone(), 0), 0, kind, ring, limit)
+
+    def copy(self) -> "KVCache":
+        """An independent cache with the same content (to branch a ring cache)."""
+        self._check_fresh()
+        return KVCache(_KVStore(self.store.k.clone(), self.store.v.clone(), self.pos),
+                       self.pos, self.kind, self.ring, self.limit, self.shift)
+
+    # -- what is kept ------------------------------------------------------------------------
+    def _first(self, end: int) -> int:
+        """The first position kept after ``end`` tokens."""
+        if self.kind == "window":
+            return max(0, end - self.ring)
+        if self.kind == "block":
+            return (end - 1) // self.ring * self.ring if end else 0
+        return 0
+
+    def _stop(self, end: int) -> int:
+        """One past the last position kept after ``end`` tokens."""
+        return end if self.limit is None else min(end, self.limit)
+
+    def held(self) -> int:
+        """Positions kept now."""
+        stop = self._stop(self.pos)
+        return stop - self._first(stop)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """The key buffer (B, Hkv, cap, hd); :meth:`ordered` says which slots hold what."""
+        return self.store.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.store.v
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the buffers: what this cache occupies, free slots included."""
+        return self.store.k.nbytes + self.store.v.nbytes
+
+    def _check_fresh(self) -> None:
+        if self.ring is not None and self.store.frontier != self.pos:
+            raise RuntimeError(f"this {self.kind} KV cache (at position {self.pos}) was "
+                               f"advanced to position {self.store.frontier} by a later call and "
+                               "its ring slots overwritten; copy() it before branching")
+
+    def _slot(self, p: int) -> int:
+        return p if self.ring is None else (p + self.shift) % self.ring
+
+    def ordered(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last ``n`` kept positions, oldest first: (B, Hkv, n, hd) each; views, unless a
+        ring wraps between them."""
+        self._check_fresh()
+        k, v = self.store.k, self.store.v
+        s = self._slot(self._stop(self.pos) - n)
+        if self.ring is None or s + n <= self.ring:
+            return k[:, :, s:s + n], v[:, :, s:s + n]
+        r = s + n - self.ring
+        return (torch.cat([k[:, :, s:], k[:, :, :r]], 2),
+                torch.cat([v[:, :, s:], v[:, :, :r]], 2))
+
+    def all_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every kept position in slot order (a full ring's oldest need not come first): for a
+        query that sees them all, where the order does not matter. Views."""
+        self._check_fresh()
+        n = self.held()
+        if self.ring is not None and n == self.ring:
+            return self.store.k, self.store.v
+        s = self._slot(self._stop(self.pos) - n)
+        return self.store.k[:, :, s:s + n], self.store.v[:, :, s:s + n]
+
+    # -- writing -----------------------------------------------------------------------------
+    def reserve(self, positions: int) -> None:
+        """Room for ``positions`` tokens in all (a ring or a limit needs fewer slots)."""
+        want = min(positions, self.ring or positions, self.limit or positions)
+        if want > self.store.k.shape[2]:
+            self._grow(self.store, want)
+
+    def _grow(self, store: _KVStore, cap: int) -> None:
+        """New buffers of ``cap`` slots; the kept positions keep their slots (a ring that is
+        not full holds them in slots 0 .. held - 1)."""
+        n = self.held()
+        k = store.k.new_zeros(store.k.shape[:2] + (cap, store.k.shape[3]))
+        v = store.v.new_zeros(k.shape)
+        s = self._slot(self._stop(self.pos) - n)
+        k[:, :, s:s + n], v[:, :, s:s + n] = store.k[:, :, s:s + n], store.v[:, :, s:s + n]
+        store.k, store.v = k, v
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """The cache after the keys and values k, v (B, Hkv, T, hd) of the next T positions."""
+        self._check_fresh()
+        if torch.is_grad_enabled() and (k.requires_grad or self.store.k.requires_grad):
+            return self._rebuilt(k, v)
+        end = self.pos + k.shape[2]
+        store = self.store
+        if store.frontier != self.pos:             # an older global object writes: branch off
+            store = _KVStore(store.k.clone(), store.v.clone(), self.pos)
+        stop = self._stop(end)
+        first = max(self.pos, self._first(stop))   # the new positions that are kept
+        if first < stop:
+            need = stop if self.ring is None else stop - self._first(stop)
+            if need > store.k.shape[2]:
+                bound = self.ring or self.limit or 1 << 62
+                self._grow(store, max(need, min(2 * store.k.shape[2], bound)))
+            src, n, slot = first - self.pos, stop - first, self._slot(first)
+            while n:                               # at most twice: a ring wraps once
+                m = n if self.ring is None else min(n, self.ring - slot)
+                store.k[:, :, slot:slot + m] = k[:, :, src:src + m]
+                store.v[:, :, slot:slot + m] = v[:, :, src:src + m]
+                src, n, slot = src + m, n - m, 0
+        store.frontier = end
+        return KVCache(store, end, self.kind, self.ring, self.limit, self.shift)
+
+    def _rebuilt(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """:meth:`write` out of place: the kept positions, oldest first, in new buffers (for
+        an empty cache, views of k and v: a whole-sequence forward copies nothing)."""
+        n = self.held()
+        p0 = self._stop(self.pos) - n                  # the position of the oldest kept one
+        end = self.pos + k.shape[2]
+        stop = self._stop(end)
+        take = max(0, stop - self.pos)                 # new positions kept (a limit drops some)
+        seq_k, seq_v = k[:, :, :take], v[:, :, :take]                # positions p0 .. stop - 1
+        if n:
+            pk, pv = self.ordered(n)
+            seq_k = torch.cat([pk.to(k.dtype), seq_k], 2)
+            seq_v = torch.cat([pv.to(v.dtype), seq_v], 2)
+        first = self._first(stop)
+        shift = 0 if self.ring is None else -first % self.ring  # the oldest kept -> slot 0
+        self.store.frontier = end
+        return KVCache(_KVStore(seq_k[:, :, first - p0:], seq_v[:, :, first - p0:], end), end,
+                       self.kind, self.ring, self.limit, shift)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +441,15 @@ class SoftmaxAttention(Block):
             self.q_norm = HeadRMSNorm(self.hd, spec.norm_eps, offset)
             self.k_norm = HeadRMSNorm(self.hd, spec.norm_eps, offset)
         self.rot = int(self.hd * spec.rope_fraction) // 2 * 2
+        self.rope = RopeTable(self.rot, spec.rope_theta)
+
+    def cache(self, batch, device, dtype, kind: str = "global", ring: int | None = None,
+              limit: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` shaped for this block's keys."""
+        return KVCache.empty(batch, self.hkv, self.hd, device, dtype, kind, ring, limit)
 
     def init_state(self, batch, device, dtype):
-        empty = torch.zeros(batch, self.hkv, 0, self.hd, device=device, dtype=dtype)
-        return {"k": empty, "v": empty.clone(), "pos": 0}
+        return self.cache(batch, device, dtype)
 
     def project(self, x: torch.Tensor, pos0: int):
         """x (B, T, D) at positions pos0.. -> q (B, Hq, T, hd), k, v (B, Hkv, T, hd), gate."""
@@ -243,8 +464,7 @@ class SoftmaxAttention(Block):
         if self.spec.qk_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        cos, sin = rope_cache(self.rot, self.spec.rope_theta,
-                              torch.arange(pos0, pos0 + T, device=x.device), x.dtype)
+        cos, sin = self.rope.get(pos0, T, x.device, x.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
 
     def attend(self, q, k, v, **mask) -> torch.Tensor:
@@ -259,12 +479,32 @@ class SoftmaxAttention(Block):
             y = y * torch.sigmoid(gate)
         return self.o_proj(y)
 
-    @staticmethod
-    def extend(cache: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        """Cached keys (B, H, Tc, hd) followed by the new ones."""
-        if cache is None or not cache.shape[2]:
-            return new
-        return torch.cat([cache.to(new.dtype), new], dim=2)
+    def attend_cached(self, q, k, v, cache: KVCache, **mask) -> tuple[torch.Tensor, KVCache]:
+        """Attention of this call's queries over ``cache`` and the new keys k, v; returns
+        (y, the cache after them). ``mask``: ``window`` or ``block_size`` of a ring cache.
+
+        One new token (a decode step): write it, then the query sees every kept position
+        (the ring keeps exactly those inside its window or block), no mask and no copy.
+        Several (a prefill chunk): the positions they may see that the cache holds, oldest
+        first, then the new ones, under the op's mask; a global cache is written first and
+        read back as one view.
+        """
+        pos0, T = cache.pos, q.shape[2]
+        if T == 1:
+            cache = cache.write(k, v)
+            K, V = cache.all_slots()
+            return self.attend(q, K, V, q_pos0=K.shape[2] - 1, k_pos0=0), cache
+        if cache.ring is None:
+            cache = cache.write(k, v)
+            K, V = cache.ordered(cache.held())
+            return self.attend(q, K, V, q_pos0=pos0, k_pos0=0, **mask), cache
+        w = mask.get("window")
+        n = min(pos0, w - 1) if w is not None else pos0 % mask["block_size"]
+        pk, pv = cache.ordered(n)
+        K = torch.cat([pk.to(k.dtype), k], 2) if n else k
+        V = torch.cat([pv.to(v.dtype), v], 2) if n else v
+        y = self.attend(q, K, V, q_pos0=pos0, k_pos0=pos0 - n, **mask)
+        return y, cache.write(k, v)
 
     @classmethod
     def projection_flops(cls, spec, d_model) -> float:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from blocks.common import apply_rope, heads_problem, rope_cache
+from blocks.common import RopeTable, apply_rope, heads_problem
 from composer.core.block import Block, BlockSpec, accum_dtype, linear_flops
 from composer.core.kernels import op
 from composer.core.registry import register_block
@@ -87,6 +87,7 @@ class RetNet(Block):
         self.o_proj = nn.Linear(self.vw, d_model, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(self.vw))
         self.norm_bias = nn.Parameter(torch.zeros(self.vw))
+        self.rope = RopeTable(self.dk, spec.rope_theta)
         self.register_buffer("log_gamma", torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(
             self.H, dtype=torch.float64))), persistent=False)                     # (H,)
 
@@ -104,8 +105,7 @@ class RetNet(Block):
         q = self.q_proj(x).view(B, T, self.H, self.dk)
         k = self.k_proj(x).view(B, T, self.H, self.dk)
         if s.rope:
-            pos = torch.arange(state["pos"], state["pos"] + T, device=x.device)
-            cos, sin = rope_cache(self.dk, s.rope_theta, pos, dtype=x.dtype)   # (T, d_k)
+            cos, sin = self.rope.get(state["pos"], T, x.device, x.dtype)       # (T, d_k)
             cos, sin = cos[:, None], sin[:, None]                               # over heads
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(B, T, self.H, self.dv)

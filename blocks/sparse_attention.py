@@ -16,13 +16,14 @@ keys per query.
 Projections, GQA, RoPE (absolute positions), qk-norm and output gate are those of the
 ``attention`` block (:class:`blocks.common.SoftmaxAttention`).
 
-State: ``{"k", "v", "kg", "vg", "pos"}``: the last w - 1 keys and values, and those of the
-first g positions (kept once seen).
+State: ``{"window": KVCache, "global": KVCache}`` (:class:`blocks.common.KVCache`): a ring of
+the last w positions, and the first g positions (kept once seen).
 """
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from blocks.common import SoftmaxAttention, SoftmaxAttentionSpec, mean_visible, window_problem
@@ -49,25 +50,44 @@ class SparseAttention(SoftmaxAttention):
     """Causal attention to a sliding window plus the first ``n_global`` tokens."""
 
     def init_state(self, batch, device, dtype):
-        st = super().init_state(batch, device, dtype)
-        return {**st, "kg": st["k"].clone(), "vg": st["v"].clone()}
+        return {"window": self.cache(batch, device, dtype, "window", self.spec.window),
+                "global": self.cache(batch, device, dtype, "global",
+                                     limit=self.spec.n_global)}
 
     def forward(self, x, state=None):
-        T, w, g = x.shape[1], self.spec.window, self.spec.n_global
-        pos0 = 0 if state is None else state["pos"]
+        w, g = self.spec.window, self.spec.n_global
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+            fresh = True
+        else:
+            fresh = False
+        win, glob = state["window"], state["global"]
+        pos0 = win.pos
         q, k, v, gate = self.project(x, pos0)
-        # the global keys: positions 0 .. g-1, those of this call appended once
-        new_g = max(0, g - pos0)
-        kg = self.extend(None if state is None else state["kg"], k[:, :, :new_g])
-        vg = self.extend(None if state is None else state["vg"], v[:, :, :new_g])
-        k = self.extend(None if state is None else state["k"], k)      # (B, Hkv, Tc + T, hd)
-        v = self.extend(None if state is None else state["v"], v)
-        y = self.attend(q, k, v, q_pos0=pos0, k_pos0=pos0 + T - k.shape[2], window=w,
-                        k_global=kg, v_global=vg)
-        keep = min(k.shape[2], w - 1)
-        new_state = {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:],
-                     "kg": kg, "vg": vg, "pos": pos0 + T}
-        return self.output(y, gate), new_state
+        glob = glob._rebuilt(k, v) if fresh else glob.write(k, v)     # positions 0 .. g - 1
+        if fresh:                             # whole sequence: the caches view k and v
+            kg, vg = glob.ordered(glob.held())
+            y = self.attend(q, k, v, window=w, k_global=kg, v_global=vg)
+            win = win._rebuilt(k, v)
+        elif q.shape[2] == 1:
+            # decode: the window's ring, and the global keys it no longer holds (p <= pos - w)
+            win = win.write(k, v)
+            K, V = win.all_slots()
+            outside = max(0, min(g, pos0 - w + 1))
+            if outside:
+                K = torch.cat([glob.k[:, :, :outside], K], 2)
+                V = torch.cat([glob.v[:, :, :outside], V], 2)
+            y = self.attend(q, K, V, q_pos0=K.shape[2] - 1, k_pos0=0)
+        else:
+            kg, vg = glob.ordered(glob.held())
+            n = min(pos0, w - 1)
+            pk, pv = win.ordered(n)
+            K = torch.cat([pk.to(k.dtype), k], 2) if n else k
+            V = torch.cat([pv.to(v.dtype), v], 2) if n else v
+            y = self.attend(q, K, V, q_pos0=pos0, k_pos0=pos0 - n, window=w, k_global=kg,
+                            v_global=vg)
+            win = win.write(k, v)
+        return self.output(y, gate), {"window": win, "global": glob}
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):
@@ -82,6 +102,6 @@ class SparseAttention(SoftmaxAttention):
 
     @classmethod
     def state_bytes(cls, spec, d_model, T, dtype_bytes=4):
-        kept = min(T, spec.window - 1) + min(T, spec.n_global)
+        kept = min(T, spec.window) + min(T, spec.n_global)        # the ring + the first g
         return cls.cache_bytes(spec, d_model, kept, dtype_bytes)
 

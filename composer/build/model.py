@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 from torch import nn
 
+from composer.build import generation
 from composer.core.aux import collect_aux_losses
 from composer.build.graph import data_inputs, execution_order
 from composer.core.kernels import use_kernels
@@ -91,6 +92,7 @@ class ComposedModel(nn.Module):
         m = model_cfg
         self.graph = graph
         self.kernels = dict(kernels or {})
+        self.max_seq_len = m.max_seq_len
         self.embed = node_module("embed", None, m)
         self.layers = nn.ModuleDict()
         self.shared = nn.ModuleDict()
@@ -137,7 +139,9 @@ class ComposedModel(nn.Module):
         return state
 
     def forward(self, input_ids: torch.Tensor, state: dict | None = None,
-                return_state: bool = False):
+                return_state: bool = False, logits_to_keep: int = 0):
+        """Logits (B, T, V) of ``input_ids`` (B, T); ``logits_to_keep`` > 0: of the last that
+        many positions only (the head runs on those alone; generation keeps 1)."""
         new_state: dict[str, Any] = {}
         vals: dict[str, torch.Tensor] = {}
         with use_kernels(self.kernels), collect_aux_losses() as aux:
@@ -155,6 +159,8 @@ class ComposedModel(nn.Module):
                     vals[nid] = self.norm(vals[inputs[0]])
                 else:  # head
                     h = vals[inputs[0]]
+                    if logits_to_keep:
+                        h = h[:, -logits_to_keep:]
                     vals[nid] = (h @ self.embed.weight.t() if self.head is None
                                  else self.head(h))
                 for v in done:
@@ -165,3 +171,22 @@ class ComposedModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # -- generation (composer.build.generation) ----------------------------------------------
+    def init_cache(self, batch: int, capacity: int | None = None):
+        """An empty :class:`~composer.build.generation.ModelCache` for ``batch`` sequences,
+        global KV caches preallocated for ``capacity`` tokens in all."""
+        return generation.init_cache(self, batch, capacity)
+
+    def prefill(self, input_ids: torch.Tensor, cache, chunk_size: int | None = None):
+        """Feed a prompt (B, T) into ``cache``; logits of its last position (B, V)."""
+        return generation.prefill(self, input_ids, cache, chunk_size)
+
+    def decode_step(self, tokens: torch.Tensor, cache):
+        """Feed one token per row (B,) into ``cache``; logits of the next position (B, V)."""
+        return generation.decode_step(self, tokens, cache)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **kwargs):
+        """Hugging Face-style generation: the prompts followed by the new tokens, (B, T + n).
+        Arguments: :func:`composer.build.generation.generate`."""
+        return generation.generate(self, input_ids, max_new_tokens, **kwargs)

@@ -90,3 +90,14 @@ def no_autocast(fn):
             return fn(*args, **kwargs)
     return wrapped
 
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of a block's (or a model's) state: every tensor in it, nested in dicts, lists and
+    tuples, plus objects that report ``nbytes`` themselves (a KV cache: its buffers)."""
+    if state is None or isinstance(state, (int, float, bool, str)):
+        return 0
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return int(state.nbytes)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from composer.core.block import state_nbytes
 from composer.core.kernels import use_kernels
 from composer.core.registry import block_types, ops
 
@@ -100,7 +101,8 @@ def test_sliding_window_state_is_constant_size():
     st = blk.init_state(1, "cpu", torch.float64)
     for _ in range(12):
         _, st = blk.step(torch.randn(1, D, dtype=torch.float64), st)
-    assert st["k"].shape[2] == 4  # window 5: the query sees itself and 4 cached keys
+    # window 5: a ring of 5 slots (the current token is written before it attends)
+    assert st.held() == 5 and st.k.shape[2] == 5 and st.pos == 12
     bt = block_types()["attention"]
     assert bt.module.state_bytes(blk.spec, D, 10_000) == bt.module.state_bytes(blk.spec, D, 100)
 
@@ -132,27 +134,16 @@ def test_attention_projection_flops_match_counter():
     assert model_attn == pytest.approx(full * (T + 1) / (2 * T))
 
 
-def _tensor_bytes(state) -> int:
-    """Bytes of every tensor in a (nested) state, at 4 bytes per element."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * 4
-    if isinstance(state, dict):
-        return sum(_tensor_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in state)
-    return 0
-
-
 @pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("T", [3, 40])
 def test_state_bytes_match_real_state_tensors(name, T):
     """The cost model's state size equals the real state. Two are upper bounds by design:
     routed (a path's state grows only with the tokens routed to it) and block_attention (the
-    cache of the unfinished block: the model reports its largest size, b - 1 positions)."""
+    cache of the last token's block: the model reports its largest size, b positions)."""
     blk = make(name).float()
     _, st = blk(torch.randn(1, T, D), blk.init_state(1, "cpu", torch.float32))
     model = type(blk).state_bytes(blk.spec, D, T, 4)
     if blk.spec.kind in ("routed", "block_attention"):
-        assert _tensor_bytes(st) <= model
+        assert state_nbytes(st) <= model
     else:
-        assert model == _tensor_bytes(st), name
+        assert model == state_nbytes(st), name

@@ -93,7 +93,7 @@ def test_skipped_tokens_add_nothing_and_leave_the_state():
     # the attention path's cache and position advanced on each row's routed tokens only
     for r in range(2):
         n = int((~skipped[r]).sum())
-        assert st[0][r]["pos"] == n and st[0][r]["k"].shape[2] == n
+        assert st[0][r].pos == n and st[0][r].held() == n
     # a skipped token through step: output 0, the path state is the very same
     t = int(skipped[0].nonzero()[0])
     st0 = blk.init_state(2, x.device, torch.float64)
@@ -112,7 +112,7 @@ def test_all_routed_is_the_gated_path_and_none_routed_is_zero():
     with torch.no_grad():
         blk.router.bias.fill_(-50.0)
     y, st = blk(x)
-    assert torch.all(y == 0) and all(s["pos"] == 0 for s in st[0])
+    assert torch.all(y == 0) and all(s.pos == 0 for s in st[0])
 
 
 def test_choice_routes_every_token_to_one_path():

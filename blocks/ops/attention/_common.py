@@ -51,5 +51,9 @@ def _dense(q, k, v, q_pos0, k_pos0, window, scale, block_size, k_global, v_globa
     if plain:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=gqa)
+    if (window is None and block_size is None and k_global is None
+            and q_pos0 - k_pos0 >= k.shape[2] - 1):
+        # every query sees every key (a decode step over its cache): no mask to build
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     k, v, m = _all_keys(q, k, v, q_pos0, k_pos0, window, block_size, k_global, v_global)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=gqa)
