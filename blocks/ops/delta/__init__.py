@@ -24,9 +24,11 @@ channel. The family:
 Shapes: q, k (B, T, H, K); v (B, T, H, V); b (B, T, H) or (B, T, H, K); a None or
 (B, T, H, K); log_w None (w = 1), (B, T, H) or (B, T, H, K), every entry <= 0; state
 (B, H, K, V). Returns o (B, T, H, V) and the final state (B, H, K, V) in the dtype of ``q``;
-both backends compute in float32 (float64 for float64 inputs). Both take every form above, and
-the chunked one is exact for all of them, decays near 0 and near 1 included (log w down to
--inf: float64 prefix sums where a chunk decays far, see ``chunked._prefix_sums``).
+the backends compute in float32 (float64 for float64 inputs). ``reference`` and ``chunked``
+take every form above, and the chunked one is exact for all of them, decays near 0 and near 1
+included (log w down to -inf: float64 prefix sums where a chunk decays far, see
+``chunked._prefix_sums``). ``step`` (:mod:`.step`) takes every form at T = 1 (a decode step in
+a few plain ops), and ``auto`` picks it for every such call.
 """
 from composer.core.registry import register_op
 
@@ -37,5 +39,6 @@ register_op(OP, "S_t = (diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T 
 # the backends register on import, after the op and in this order
 from blocks.ops.delta.reference import delta_reference  # noqa: E402
 from blocks.ops.delta.chunked import delta_chunked  # noqa: E402
+from blocks.ops.delta.step import delta_step  # noqa: E402
 
-__all__ = ["OP", "delta_reference", "delta_chunked"]
+__all__ = ["OP", "delta_reference", "delta_chunked", "delta_step"]

@@ -26,7 +26,8 @@ Backends (same signature): ``reference`` (sequential, :mod:`.reference`), ``chun
 (matmuls inside chunks; any shape, :mod:`.chunked` and :mod:`.narrow`) and, for V = 1, where
 there is no matmul to give (Mamba-1, RG-LRU), ``scan`` and ``scan_recompute``
 (:mod:`.scan`) and the compiled ``native`` (:mod:`.native`, CPU): ``auto`` picks those for
-such calls through the registry's shape declaration.
+such calls through the registry's shape declaration; ``step`` (:mod:`.step`) runs T = 1, a
+decode step, in a few plain ops, and ``auto`` picks it for every such call.
 """
 from composer.core.registry import register_op
 
@@ -40,6 +41,7 @@ from blocks.ops.recurrence.reference import recurrence_reference  # noqa: E402
 from blocks.ops.recurrence.chunked import recurrence_chunked  # noqa: E402
 from blocks.ops.recurrence.native import recurrence_native  # noqa: E402
 from blocks.ops.recurrence.scan import recurrence_scan, recurrence_scan_recompute  # noqa: E402
+from blocks.ops.recurrence.step import recurrence_step  # noqa: E402
 
 __all__ = ["OP", "recurrence_reference", "recurrence_chunked", "recurrence_native",
-           "recurrence_scan", "recurrence_scan_recompute"]
+           "recurrence_scan", "recurrence_scan_recompute", "recurrence_step"]
