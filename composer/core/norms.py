@@ -12,6 +12,7 @@ Timings: docs/design.md, "RMSNorm and RoPE with hand-written backwards".
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -54,6 +55,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     if weight is not None and tuple(weight.shape) != tuple(x.shape[x.dim() - weight.dim():]):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the trailing "
                          f"dims of x {tuple(x.shape)}")
+    if (not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
+            and (weight is None or (weight.dim() == 1 and weight.dtype == x.dtype))):
+        # no backward to prepare for (generation, evaluation): PyTorch's fused kernel, one op
+        # instead of eight, computing the same formula in x's dtype
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return _RMSNorm.apply(x, weight, eps)
 
 
