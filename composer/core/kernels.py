@@ -36,16 +36,24 @@ def _candidates(name: str, choice: str, device_type: str, dtype: torch.dtype) ->
     return candidates(name, choice, torch.device(device_type), dtype)
 
 
+@lru_cache(maxsize=256)
+def _choice_map(choices: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    return dict(choices)
+
+
 def current_choice(name: str) -> str:
-    return dict(_CHOICES.get()).get(name, "auto")
+    return _choice_map(_CHOICES.get()).get(name, "auto")
 
 
+@lru_cache(maxsize=None)
 def op(name: str) -> Callable:
-    """A callable running op ``name`` with the backend the active choices pick."""
+    """A callable running op ``name`` with the backend the active choices pick (one callable
+    per op: a decode step calls several ops per token, each lookup counts)."""
 
     def call(*args, **kwargs):
-        x = next(a for a in args if isinstance(a, torch.Tensor))
-        choice = current_choice(name)
+        x = args[0] if isinstance(args[0], torch.Tensor) else next(
+            a for a in args if isinstance(a, torch.Tensor))
+        choice = _choice_map(_CHOICES.get()).get(name, "auto")
         cands = _candidates(name, choice, x.device.type, x.dtype)
         if len(cands) == 1 and cands[0].accepts is None:
             return cands[0].fn(*args, **kwargs)

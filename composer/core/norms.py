@@ -56,10 +56,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the trailing "
                          f"dims of x {tuple(x.shape)}")
     if (not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
-            and (weight is None or (weight.dim() == 1 and weight.dtype == x.dtype))):
+            and (weight is None or weight.dtype == x.dtype)):
         # no backward to prepare for (generation, evaluation): PyTorch's fused kernel, one op
         # instead of eight, computing the same formula in x's dtype
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        if weight is None or weight.dim() == 1:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), None, eps) * weight       # grouped: (g, D / g)
     return _RMSNorm.apply(x, weight, eps)
 
 
