@@ -18,10 +18,11 @@ from composer.core.errors import HycompError
 
 COMMANDS = {
     "train": "train a recipe on CPU or GPU (Hydra app: -m sweeps, run folders)",
-    "check": "validate a recipe; print the expanded schedule, parameters, FLOPs, state",
+    "check": "validate a recipe; print the expanded schedule, parameters, FLOPs, cache",
     "viz": "draw the layer graph: SVG, PNG, Mermaid, DOT, and a terminal table",
     "schema": "print the JSON schema of recipes (or of one block type)",
     "kernels": "list ops x backends and what runs on this machine",
+    "generate": "continue a prompt with a trained model (a run or checkpoint folder)",
 }
 
 EPILOG = """examples:
@@ -31,6 +32,7 @@ EPILOG = """examples:
   hycomp check model.schedule.pattern="M-M-M*-" --json
   hycomp viz model=gemma3_tiny
   hycomp check -r my_recipe.yaml model.d_model=256
+  hycomp generate runs/2026-12-05/10-00-00 --prompt "def fibonacci("
 
 run 'hycomp <command> --help' for the options of a command."""
 
@@ -56,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     _recipe_args(c)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("-T", "--seq-len", type=int, default=None,
-                   help="context length for FLOPs and state (default: data.seq_len)")
+                   help="context length for FLOPs and the generation cache (default: "
+                        "data.seq_len)")
     v = sub.add_parser("viz", help=COMMANDS["viz"], description=COMMANDS["viz"])
     _recipe_args(v)
     v.add_argument("-o", "--out", default="viz", help="output folder (default: ./viz)")
@@ -69,7 +72,62 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help=COMMANDS["schema"], description=COMMANDS["schema"])
     s.add_argument("--block", default=None, help="print only this block type's spec schema")
     sub.add_parser("kernels", help=COMMANDS["kernels"], description=COMMANDS["kernels"])
+    _generate_args(sub)
     return ap
+
+
+GENERATE_EPILOG = """examples:
+  hycomp generate runs/2026-12-05/10-00-00 --prompt "def fibonacci(" --max-new-tokens 200
+  hycomp generate RUN --prompt-file prompts.txt --batch-size 8 --temperature 0.8 --seed 0
+  echo "import os" | hycomp generate RUN --prompt - --greedy
+  hycomp generate RUN/checkpoints/step_000200 --prompt "class " --json
+
+Tokens are bytes: a prompt is its UTF-8 bytes, the new bytes are decoded as UTF-8 (a
+multi-byte character appears when its last byte is made). One prompt streams: the prompt,
+then each new piece of text as it is made. Several prompts (a file) print each prompt and its
+new text under a '=== i/n ===' line when their batch ends. --json prints one object per
+prompt per line: prompt, prompt_tokens, tokens (new token ids), text, new_tokens, prefill_ms,
+ms_per_token (median decode step of the batch) and cache_bytes (per sequence).
+
+Sampling by default: temperature 0.8, then the 50 most likely bytes, then the smallest set
+holding 95% of the probability (Hugging Face's order); --greedy (or --temperature 0) takes
+the most likely byte instead. Without --seed every run draws differently."""
+
+
+def _generate_args(sub) -> None:
+    g = sub.add_parser("generate", help=COMMANDS["generate"], description=COMMANDS["generate"],
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("run", metavar="RUN", help="a run folder of 'hycomp train' (its newest "
+                   "checkpoint) or one checkpoint folder (RUN/checkpoints/step_NNNNNN)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", metavar="TEXT",
+                     help="the prompt; '-' reads it from standard input (all of it, newlines "
+                          "included)")
+    src.add_argument("--prompt-file", metavar="FILE",
+                     help="a UTF-8 text file, one prompt per line (empty lines skipped)")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=200, metavar="N",
+                   help="bytes to generate per prompt (default: 200)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="prompts generated together (default: 8)")
+    g.add_argument("--greedy", action="store_true",
+                   help="take the most likely byte every time (no sampling)")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                   help="divide the logits by T before sampling; lower is more predictable, "
+                        "0 is greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="sample from the K most likely bytes; 0 keeps all (default: 50)")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                   help="sample from the most likely bytes holding probability P, in (0, 1]; "
+                        "1 keeps all (default: 0.95)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed the sampling: the same seed gives the same text")
+    g.add_argument("--json", action="store_true",
+                   help="one JSON object per prompt per line, with tokens and timings")
+    g.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
+                   help="feed long prompts in chunks of N tokens, bounding their memory "
+                        "(default: 2048)")
+    g.add_argument("--device", default="auto",
+                   help="auto (cuda when there is one, else cpu), cpu, cuda or cuda:N")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
-        return {"check": _check, "viz": _viz, "schema": _schema, "kernels": _kernels}[
-            args.command](args)
+        return {"check": _check, "viz": _viz, "schema": _schema, "kernels": _kernels,
+                "generate": _generate}[args.command](args)
     except HycompError as e:
         _fail(e)
     return 0
@@ -105,6 +163,7 @@ def _check(args) -> int:
     import composer
     from composer.build.costs import totals
     from composer.cli.prepare import context_length, load_runnable, notes
+    from composer.viz.labels import human_bytes
     recipe = load_runnable(args.recipe, args.overrides)
     T = context_length(args.seq_len, recipe)
     g = composer.layer_graph(recipe)
@@ -116,25 +175,30 @@ def _check(args) -> int:
         return 0
     print(f"pattern   {_cut(report['pattern'])}   ({report['counting']} counting, "
           f"{report['n_sublayers']} sub-layers)")
-    rows = [("#", "layer", "node", "block", "params", "settings")]
+    rows = [("#", "layer", "node", "block", "params", f"cache@T={T}", "settings")]
     subs = report["sublayers"]
     shown = subs if len(subs) <= MAX_ROWS else subs[:MAX_ROWS - 10] + [None] + subs[-10:]
     for s in shown:
         if s is None:
-            rows.append(("...", "", "", "", "", f"{len(subs) - MAX_ROWS:,} sub-layers "
+            rows.append(("...", "", "", "", "", "", f"{len(subs) - MAX_ROWS:,} sub-layers "
                          "not shown (--json lists every one)"))
             continue
         name = s["name"] if s["name"] == s["kind"] else f"{s['name']} ({s['kind']})"
         extra = "shared with " + s["shares"] if s.get("shares") else _fields_brief(s)
         rows.append((str(s["index"]), str(s["layer"]), s["node"], name, f"{s['params']:,}",
-                     extra))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                     human_bytes(s["state_bytes"]) if s["state_bytes"] else "-", extra))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    right = {4, 5}
     for r in rows:
-        print(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5]).rstrip())
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
+        print(("  ".join(cells) + "  " + r[6]).rstrip())
     t = totals(g, T)
-    print(f"\nparameters      {t['params']:,}")
-    print(f"FLOPs/token     {t['flops_per_token']:,.0f}  (forward, context T={T})")
-    print(f"state per seq   {t['state_bytes']:,} bytes  (fp32, at T={T})")
+    print(f"\nparameters        {t['params']:,}")
+    print(f"FLOPs/token       {t['flops_per_token']:,.0f}  (forward, context T={T})")
+    # states of the recurrent blocks + KV caches: what generation holds per sequence
+    print(f"generation cache  {human_bytes(t['state_bytes'])} per sequence "
+          f"({t['state_bytes']:,} bytes; fp32, at T={T})")
     return 0
 
 
@@ -166,9 +230,10 @@ def _settings(spec) -> dict:
 
 
 def check_report(recipe, g, T: int) -> dict:
-    """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs.
-    ``fields`` holds every field of a sub-layer's spec, ``settings`` those that differ from
-    the block type's defaults."""
+    """What ``hycomp check --json`` prints: expanded sub-layers, pattern, parameters, FLOPs,
+    generation cache. ``fields`` holds every field of a sub-layer's spec, ``settings`` those
+    that differ from the block type's defaults; ``state_bytes`` (per sub-layer and in all) is
+    the generation cache of one sequence at context T in fp32: recurrent states, KV caches."""
     from composer.build.costs import totals
     dumps: dict[int, tuple] = {}  # one dump per spec object: deep models repeat a few specs
 
@@ -231,6 +296,40 @@ def _viz(args) -> int:
     paths = viz.draw(g, out, T, formats=formats, engine=args.engine)
     for kind, path in paths.items():
         print(f"wrote {kind:4s} {path}")
+    return 0
+
+
+def _generate(args) -> int:
+    from composer.run import generate as gen
+    gen.check_counts(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                     prefill_chunk_size=args.prefill_chunk_size)
+    sampling = gen.sampling_from(args.greedy, args.temperature, args.top_k, args.top_p)
+    device = gen.device_from(args.device)
+    ckpt = gen.find_checkpoint(args.run)
+    if args.prompt_file is not None:
+        prompts = gen.prompts_from_file(args.prompt_file)
+    elif args.prompt == "-":
+        prompts = [gen.prompt_from_stdin(sys.stdin.buffer.read() if sys.stdin else b"")]
+    elif args.prompt is not None:
+        prompts = [gen.prompt_from_argument(args.prompt)]
+    else:
+        raise HycompError(what="no prompt", where="hycomp generate",
+                          why="generation continues a prompt",
+                          fix="give --prompt TEXT, --prompt - (standard input) or "
+                              "--prompt-file FILE")
+    model, _ = gen.load_model(ckpt, device)
+    gen.check_prompts(model, prompts, args.max_new_tokens)
+    print(f"checkpoint {ckpt}: {model.num_params():,} parameters on {device}",
+          file=sys.stderr)
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        gen.write_generations(sys.stdout, model, prompts, args.max_new_tokens, sampling,
+                              args.batch_size, gen.make_generator(args.seed, device),
+                              args.prefill_chunk_size, as_json=args.json)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 

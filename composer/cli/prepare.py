@@ -21,7 +21,7 @@ def check_runnable(recipe, probed: set | None = None) -> None:
     distinct model / kernels / device / dtype when ``probed`` is given)."""
     import json
 
-    from composer.run.train import pick_device
+    from composer.run.runtime import pick_device
     pick_device(recipe.train.device)
     if all(choice == "auto" for choice in recipe.kernels.values()):
         return
@@ -42,7 +42,7 @@ def probe_kernels(recipe) -> None:
     import torch
 
     import composer
-    from composer.run.train import pick_device
+    from composer.run.runtime import pick_device
     device = pick_device(recipe.train.device)
     model = composer.build_model(recipe).to(device)
     ids = torch.zeros(1, min(2, recipe.model.max_seq_len), dtype=torch.long, device=device)

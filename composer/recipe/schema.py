@@ -219,6 +219,9 @@ class TrainConfig(Spec):
     """A run folder to continue from its last checkpoint."""
     progress: bool = True
     """Show a progress bar."""
+    sample_tokens: int = Field(64, ge=0)
+    """At the end of a completed run, print this many bytes the trained model writes (greedy)
+    after the start of a validation text, and save them to sample.txt (0: no sample)."""
     max_bad_steps: int = Field(10, ge=1)
     """Stop the run (exit code 3) after this many steps in a row with a non-finite loss or
     gradient; each such step is skipped, not applied."""

@@ -1,4 +1,4 @@
-"""Stage 3, running a built model: training and what it reads and writes.
+"""Stage 3, running a built model: training, generation, and what they read and write.
 
 :mod:`.train` is the trainer (AdamW, cosine schedule, evaluation, checkpoints, resume);
 :mod:`.guards` checks a run before it allocates and while it trains (memory, vocabulary, data,
@@ -6,6 +6,8 @@ non-finite steps); :mod:`.control` starts and stops a session (the run folder's 
 SIGTERM, log lines); :mod:`.resume` picks the checkpoint and recipe a resume continues;
 :mod:`.records` writes metrics.jsonl, summary.json and loss.png; :mod:`.data` reads text as
 bytes and splits it; :mod:`.checkpoint` writes and verifies safetensors checkpoints that carry
-their recipe; :mod:`.runtime` tunes the CPU allocator; :mod:`.plots` draws the loss curves of a
-run; :mod:`.app` is the Hydra application behind ``hycomp train`` (unique run folders, sweeps).
+their recipe; :mod:`.runtime` picks the device and tunes the CPU allocator; :mod:`.plots`
+draws the loss curves of a run; :mod:`.generate` loads a run's model and writes what it
+generates (``hycomp generate``, the sample at the end of a run); :mod:`.app` is the Hydra
+application behind ``hycomp train`` (unique run folders, sweeps).
 """

@@ -1,4 +1,6 @@
-"""Process-level settings for training and benchmarking on CPUs.
+"""The machine a model runs on: the device, and process-level settings for CPUs.
+
+:func:`pick_device`: the device a recipe or ``--device`` names, which must exist here.
 
 :func:`tune_cpu_allocator`: glibc's malloc serves blocks above a threshold (at most 32 MiB) with
 fresh ``mmap`` calls and returns them to the kernel on free, so every large activation of every
@@ -15,6 +17,27 @@ import ctypes
 import ctypes.util
 import os
 import sys
+
+import torch
+
+from composer.core.errors import RecipeError
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: cuda when available, else cpu; otherwise the named device, which must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise RecipeError(what=f"unknown device {name!r}", where="train.device", why=str(e),
+                          fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(what="no CUDA device", where=f"train.device={name}",
+                          why="torch sees no GPU on this machine",
+                          fix="use train.device=auto or train.device=cpu")
+    return dev
+
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _done = False

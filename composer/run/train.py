@@ -50,30 +50,15 @@ from tqdm import tqdm
 from composer.run.checkpoint import (NonFiniteCheckpointError, load_checkpoint,
                                      save_checkpoint, write_text_atomic)
 from composer.run.control import run_lock, say, stop_signals
+from composer.run.generate import printable, training_sample
 from composer.run.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits, sample_batch,
                            unigram_bpb)
-from composer.core.errors import CheckpointError, RecipeError
+from composer.core.errors import CheckpointError
 from composer.run.guards import (NonFiniteError, check_before_training, check_data, finite,
                                  json_safe)
 from composer.run.records import append_metrics, metrics_line, read_metrics, write_records
 from composer.run.resume import run_folder
-from composer.run.runtime import tune_cpu_allocator
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: cuda when available, else cpu; otherwise the named device, which must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise RecipeError(what=f"unknown device {name!r}", where="train.device", why=str(e),
-                          fix="use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(what="no CUDA device", where=f"train.device={name}",
-                          why="torch sees no GPU on this machine",
-                          fix="use train.device=auto or train.device=cpu")
-    return dev
+from composer.run.runtime import pick_device, tune_cpu_allocator
 
 
 def lr_at(step: int, cfg) -> float:
@@ -432,7 +417,27 @@ def _finish(st: TrainState) -> dict:
             f"baseline {uni:.3f}; run folder {st.run_dir}")
     print(line)
     say(line)
+    _sample(st)
     return summary
+
+
+def _sample(st: TrainState) -> None:
+    """Print what the trained model writes after the start of the validation text
+    (``train.sample_tokens`` bytes, greedy) and save it to sample.txt. Only after a completed
+    run, and never its undoing: a failure (or Ctrl-C) is a one-line note."""
+    if not st.cfg.sample_tokens:
+        return
+    try:
+        prompt, text = training_sample(st.model, st.val_batches[0][0][0], st.cfg.sample_tokens)
+        write_text_atomic(st.run_dir / "sample.txt", prompt + text + "\n")
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the run itself is done
+        say(f"note: no sample from the trained model ({type(e).__name__}: {e})", warn=True)
+        return
+    head = (f"sample: the model continues the first {len(prompt.encode())} bytes of the "
+            f"validation text (greedy; also in {st.run_dir / 'sample.txt'}):")
+    tty = bool(getattr(sys.stdout, "isatty", lambda: False)())
+    print(f"{head}\n{printable(prompt + text) if tty else prompt + text}")
+    say(f"{head}\n{prompt + text}")
 
 
 def run(recipe, run_dir: Path) -> dict:

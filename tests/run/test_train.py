@@ -10,6 +10,8 @@ import pytest
 import composer
 import composer.run.train as train_mod
 from composer.core.errors import CheckpointError
+from composer.run.data import load_splits
+from composer.run.generate import sample_prompt
 from composer.run.train import lr_at, read_metrics, run
 
 TINY = ["model.d_model=32", "model.n_layers=2", "data.max_bytes=200000", "data.seq_len=32",
@@ -74,6 +76,31 @@ def test_loss_decreases(tmp_path):
     assert val[-1][1] < first and s["steps"] == 30
 
 
+def test_a_completed_run_ends_with_a_sample(tmp_path, capsys):
+    d = tmp_path / "run"
+    run(tiny("train.steps=2", "train.sample_tokens=12"), d)
+    out = capsys.readouterr().out
+    verdict, head, text = out.split("\n", 2)
+    assert verdict.startswith("step 2: validation") and head.startswith("sample: ")
+    _, val = load_splits(tiny().data)
+    prompt = sample_prompt(val[:32])
+    assert text.startswith(prompt) and (d / "sample.txt").read_text() == text
+    assert len(text.encode()) - len(prompt.encode()) in range(12, 12 * 3 + 2)   # U+FFFD: 3
+
+
+def test_a_failing_sample_is_a_note_and_the_run_completes(tmp_path, capsys, monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(train_mod, "training_sample", broken)
+    d = tmp_path / "run"
+    s = run(tiny("train.steps=2"), d)
+    err = capsys.readouterr().err
+    assert "note: no sample from the trained model (RuntimeError: no memory left)" in err
+    assert s["status"] == "completed" and s["last_checkpoint"] == 2
+    assert (d / "checkpoints" / "step_000002").is_dir() and not (d / "sample.txt").exists()
+
+
 def test_lr_schedule():
     cfg = tiny("train.steps=100", "train.warmup_steps=10", "train.lr=1.0",
                "train.min_lr_ratio=0.1").train
@@ -105,6 +132,7 @@ def test_interrupt_then_resume_matches_straight_run(tmp_path, monkeypatch, strai
         run(tiny(), d)
     monkeypatch.setattr(train_mod, "sample_batch", real)
     assert (d / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert not (d / "sample.txt").exists()              # a stopped run prints no sample
     stopped = json.loads((d / "summary.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["last_checkpoint"] == 4
     s = run(tiny(f"train.resume={d}"), tmp_path / "unused")
