@@ -206,3 +206,25 @@ def test_state_bytes_bound_the_real_cache(kind, T):
         _, st = blk.step(torch.randn(1, 32), st)
         peak = max(peak, state_nbytes(st))
     assert bt.module.state_bytes(blk.spec, 32, T, 4) == peak
+
+
+@pytest.mark.parametrize("Tq,Tk,hq,hkv", [(5, 12, 4, 2), (7, 8, 2, 1), (33, 100, 4, 4),
+                                          (2, 3, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_prefill_chunk_after_a_cache_splits_prefix_and_chunk(Tq, Tk, hq, hkv, dtype,
+                                                              monkeypatch):
+    """Without autograd, a chunk of queries at the last Tq of Tk positions runs as an unmasked
+    call over the cached prefix plus a causal one over the chunk, merged by log-sum-exp; it
+    must equal the per-query loop (GQA, batch 2) and must actually have run."""
+    calls = []
+    real = attn_op._cached_prefix_then_causal
+    monkeypatch.setattr(attn_op, "_cached_prefix_then_causal",
+                        lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(2, hq, Tq, 16, dtype=dtype)
+    k, v = torch.randn(2, hkv, Tk, 16, dtype=dtype), torch.randn(2, hkv, Tk, 16, dtype=dtype)
+    with torch.no_grad():
+        got = attention_sdpa(q, k, v, q_pos0=Tk - Tq + 4, k_pos0=4, scale=0.3)
+    want = loop_attention(q.double(), k.double(), v.double(), q_pos0=Tk - Tq + 4, k_pos0=4,
+                          scale=0.3)
+    assert calls and got.dtype == dtype
+    assert rel_err(got.double(), want) < (1e-12 if dtype == torch.float64 else 1e-5)
