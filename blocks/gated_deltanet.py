@@ -145,8 +145,9 @@ class GatedDeltaNet(Block):
         acc = state["recurrent"].dtype
         q = l2norm(q.reshape(B, T, s.n_k_heads, s.head_k_dim).to(acc), s.norm_eps)
         k = l2norm(k.reshape(B, T, s.n_k_heads, s.head_k_dim).to(acc), s.norm_eps)
-        q = q.repeat_interleave(self.rep, dim=2) * s.head_k_dim ** -0.5      # (B, T, Hv, dk)
-        k = k.repeat_interleave(self.rep, dim=2)
+        if self.rep > 1:                      # value heads sharing a key head (GVA)
+            q, k = q.repeat_interleave(self.rep, dim=2), k.repeat_interleave(self.rep, dim=2)
+        q = q * s.head_k_dim ** -0.5                                          # (B, T, Hv, dk)
         v = v.reshape(B, T, s.n_v_heads, s.head_v_dim).to(acc)               # (B, T, Hv, dv)
         beta = torch.sigmoid(b.to(acc))                                       # (B, T, Hv)
         g = -self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias.to(acc))
