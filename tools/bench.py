@@ -301,8 +301,12 @@ def main(argv=None) -> int:
     if args.out == "-":
         print(text)
     else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # keep the sections other tools write (tools/bench_generate.py's, between markers)
+        old = out.read_text() if out.exists() else ""
+        keep = old.find("<!-- generate_bench: begin")
+        out.write_text(text.rstrip("\n") + "\n\n" + old[keep:] if keep >= 0 else text)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

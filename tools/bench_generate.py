@@ -1,6 +1,6 @@
 """Generation speed and cache memory of hycomp models against Hugging Face's ``generate``.
 
-    python tools/bench_generate.py                  # everything (~15 min on 2 cores): writes
+    python tools/bench_generate.py                  # everything (~6 min on 2 cores): writes
                                                     # docs/benchmarks.md (section "Generation"),
                                                     # docs/generate_bench.json and .png
     python tools/bench_generate.py --quick          # tiny sizes, < 1 min, prints to stdout only
@@ -41,6 +41,11 @@ prompt handed to ``generate`` is the context plus one token, of which its own pr
 the last (the cache already holds the rest); for a cache with no attention layer (Mamba-2,
 Gated DeltaNet), where ``generate`` cannot tell how much the cache holds, only that one token:
 its per-step bookkeeping then grows with the new tokens, not the context (in HF's favour).
+
+Shared machine: one run at a time (a lock file; a second run waits), and a row during which other
+processes used more than a quarter of a core (``/proc/stat``) is measured again (``--retries``)
+and otherwise marked in the table. ``--merge`` re-measures some rows into the stored results,
+``--render`` rewrites the section and plot from them.
 
 Not imported by the package; needs transformers (the test extra) and matplotlib for the plot.
 """
@@ -340,6 +345,39 @@ class HFSide:
         return hf_cache_bytes(self.cache)
 
 
+CONTENDED = 0.25   # cores used by other processes during a row that make it suspect
+
+
+class OtherCPU:
+    """CPU time the rest of the machine spends from now on, in cores (Linux /proc/stat
+    against this process's own CPU time): other processes on a 2-core machine inflate the
+    latencies of a 2-thread model several-fold."""
+
+    def __init__(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def cores(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        return round(max(0.0, (busy - self.busy0) - (self._own() - self.own0)) / wall, 3)
+
+
 def measure(ours, hf, ids, ctx, steps, warmup, rounds, max_rounds, min_time) -> dict:
     """One (case, context, batch): both sides' contexts, then alternating rounds (hycomp, HF,
     hycomp, HF, ...) of warmup + steps + 1 new tokens each: at least ``rounds``, more (up to
@@ -478,7 +516,8 @@ def render(st: dict, plot_name: str | None) -> str:
              f"{st['torch']}, transformers {st['transformers']}; Python {st['python']}; "
              f"measured {st['date']} (wall {st['wall_s']:.0f} s; 1-minute load average "
              f"{st['loadavg_1min']['start']:.1f} at the start, {st['loadavg_1min']['end']:.1f} at "
-             f"the end; the benchmark itself adds about {st['threads']}). Made by `python tools/bench_generate.py` (fp32, no_grad, "
+             f"the end; the benchmark itself adds about {st['threads']}). Made by "
+             "`python tools/bench_generate.py` (fp32, no_grad, "
              f"d_model {D}, {L} layers, vocab {V}; glibc allocator tuning "
              f"{'on' if st['tuned'] else 'off'} for both sides). Raw numbers: "
              "`docs/generate_bench.json`.", ""]
@@ -517,6 +556,14 @@ def render(st: dict, plot_name: str | None) -> str:
              "the flatness targets (1.2x) and ratios near 2x can flip between runs; the two "
              "sides of one row are measured alternately, so their ratio is steadier than "
              "either number.", "",
+             "Gated DeltaNet on the HF side is `Qwen3NextForCausalLM` with only linear-attention "
+             "layers. Its forward asks the cache for `get_seq_length()` and `get_mask_sizes()`, "
+             "which a `DynamicCache` of linear-attention layers alone refuses, so HF cannot "
+             "decode this model with a cache (`use_cache=False` would recompute the whole "
+             "sequence per token). Here it gets a `DynamicCache` subclass that reports the "
+             "tokens seen, as an attention layer would; its logits were checked equal to a "
+             "no-cache recompute. HF's Mamba-2 and Bamba run their PyTorch paths "
+             "(no `mamba_ssm` / `causal_conv1d` kernels on this CPU).", "",
              "Hybrid: `MMM*` (three Mamba-2 layers, then global attention with RoPE on half "
              "of each head, SwiGLU MLP after every mixer) against `BambaForCausalLM` with "
              "`attn_layer_indices=[3]` (same parameter count).", ""]
@@ -551,10 +598,16 @@ def render(st: dict, plot_name: str | None) -> str:
     for r in st["rows"]:
         sp = f"{r['hf_ms'] / r['hycomp_ms']:.2f}x" if r["hf_ms"] else "—"
         hf = f"{r['hf_ms']:.2f}" if r["hf_ms"] else "—"
-        lines.append(f"| {r['case']} | {r['batch']} | {fmt_ctx(r['context'])} "
+        busy = (r.get("others_cores") or 0) > CONTENDED
+        lines.append(f"| {r['case']} | {r['batch']} | {fmt_ctx(r['context'])}"
+                     f"{' †' if busy else ''} "
                      f"| {fmt_ctx(r['real'])} | {r.get('rounds', '—')} "
                      f"| {r['hycomp_ms']:.2f} | {hf} | {sp} "
                      f"| {fmt_bytes(r['hycomp_bytes'])} | {fmt_bytes(r['hf_bytes'])} |")
+    busy = [r for r in st["rows"] if (r.get("others_cores") or 0) > CONTENDED]
+    if busy:
+        lines += ["", f"† other processes used more than {CONTENDED} cores while this row was "
+                  "measured (after the retries): its times are inflated."]
     if st.get("prefill"):
         lines += ["", f"### Prefill against a training forward (batch 1, median of "
                   f"{s['prefill_reps']})", "",
@@ -772,6 +825,11 @@ def main(argv=None) -> int:
                          "(default 32768); the rest of a context is synthetic")
     ap.add_argument("--prefill-length", type=int, default=None, help="default 4096; 0: skip")
     ap.add_argument("--prefill-reps", type=int, default=None, help="default 5")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="measure a row again (up to this many times) when other processes "
+                         f"used more than {CONTENDED} cores meanwhile (default 2; --quick: 0)")
+    ap.add_argument("--retry-wait", type=float, default=20.0,
+                    help="seconds to wait before such a retry")
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="hycomp only")
     ap.add_argument("--no-tune-allocator", dest="tune", action="store_false",
                     help="leave glibc malloc as it is (default: tools/bench.py's tuning, "
@@ -801,7 +859,8 @@ def main(argv=None) -> int:
             "warmup": 1 if q else 3, "rounds": 1 if q else 2,
             "max_rounds": 1 if q else 8, "min_time": 0.0 if q else 0.6,
             "real_tokens": 512 if q else 32768,
-            "prefill_length": 128 if q else 4096, "prefill_reps": 1 if q else 5}
+            "retries": 0 if q else 2, "prefill_length": 128 if q else 4096,
+            "prefill_reps": 1 if q else 5}
     for k, v in dflt.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -839,8 +898,18 @@ def main(argv=None) -> int:
             for ctx in args.contexts:
                 R = real_length(ctx, B, args.real_tokens)
                 ids = torch.randint(0, V, (B, R))
-                row = {"case": case, **measure(ours, hf, ids, ctx, args.steps, args.warmup,
-                                               args.rounds, args.max_rounds, args.min_time)}
+                for attempt in range(args.retries + 1):
+                    others = OtherCPU()
+                    row = {"case": case, **measure(ours, hf, ids, ctx, args.steps,
+                                                   args.warmup, args.rounds, args.max_rounds,
+                                                   args.min_time)}
+                    row["others_cores"] = others.cores()
+                    if row["others_cores"] is None or row["others_cores"] <= CONTENDED:
+                        break
+                    print(f"{case} B={B} ctx={ctx}: other processes used "
+                          f"{row['others_cores']:.2f} cores meanwhile; measuring again",
+                          file=sys.stderr, flush=True)
+                    time.sleep(args.retry_wait)
                 row["load1"] = round(os.getloadavg()[0], 2)
                 row["when"] = datetime.datetime.now().isoformat(timespec="seconds")
                 rows.append(row)
@@ -854,10 +923,18 @@ def main(argv=None) -> int:
                       + f", t={time.perf_counter() - t_start:.0f}s]", file=sys.stderr,
                       flush=True)
         if args.prefill_length:
-            r = prefill_rates(ours, args.prefill_length, args.prefill_reps, PREFILL_CHUNK)
+            for attempt in range(args.retries + 1):
+                others = OtherCPU()
+                r = prefill_rates(ours, args.prefill_length, args.prefill_reps, PREFILL_CHUNK)
+                busy = others.cores()
+                if busy is None or busy <= CONTENDED:
+                    break
+                print(f"{case} prefill: other processes used {busy:.2f} cores meanwhile; "
+                      "measuring again", file=sys.stderr, flush=True)
+                time.sleep(args.retry_wait)
             prefill.append({"case": case, "T": args.prefill_length, "prefill": r["prefill"],
                             "prefill_chunked": r[f"prefill_chunk{PREFILL_CHUNK}"],
-                            "forward": r["forward"]})
+                            "forward": r["forward"], "others_cores": busy})
             print(f"{case:15s} prefill T={args.prefill_length}: one chunk "
                   f"{r['prefill']:.0f} tok/s, chunks of {PREFILL_CHUNK} "
                   f"{r[f'prefill_chunk{PREFILL_CHUNK}']:.0f} tok/s, training forward "
