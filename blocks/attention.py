@@ -56,15 +56,8 @@ class Attention(SoftmaxAttention):
         return self.cache(batch, device, dtype, *(("global", None) if w is None
                                                    else ("window", w)))
 
-    def forward(self, x, state=None):
-        q, k, v, gate = self.project(x, 0 if state is None else state.pos)
-        w = self.spec.window
-        if state is None:                     # whole sequence: the cache views k and v
-            y = self.attend(q, k, v, window=w)
-            state = self.init_state(x.shape[0], x.device, x.dtype)._rebuilt(k, v)
-        else:
-            y, state = self.attend_cached(q, k, v, state, window=w)
-        return self.output(y, gate), state
+    def mask(self):
+        return {"window": self.spec.window}
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):

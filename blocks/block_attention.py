@@ -45,15 +45,8 @@ class BlockAttention(SoftmaxAttention):
     def init_state(self, batch, device, dtype):
         return self.cache(batch, device, dtype, "block", self.spec.block_size)
 
-    def forward(self, x, state=None):
-        b = self.spec.block_size
-        q, k, v, gate = self.project(x, 0 if state is None else state.pos)
-        if state is None:                     # whole sequence: the cache views k and v
-            y = self.attend(q, k, v, block_size=b)
-            state = self.init_state(x.shape[0], x.device, x.dtype)._rebuilt(k, v)
-        else:
-            y, state = self.attend_cached(q, k, v, state, block_size=b)
-        return self.output(y, gate), state
+    def mask(self):
+        return {"block_size": self.spec.block_size}
 
     @classmethod
     def flops_per_token(cls, spec, d_model, T):

@@ -342,7 +342,7 @@ class KVCache:
         """The cache after the keys and values k, v (B, Hkv, T, hd) of the next T positions."""
         self._check_fresh()
         if torch.is_grad_enabled() and (k.requires_grad or self.store.k.requires_grad):
-            return self._rebuilt(k, v)
+            return self.rebuilt(k, v)
         end = self.pos + k.shape[2]
         store = self.store
         if store.frontier != self.pos:             # an older global object writes: branch off
@@ -363,9 +363,10 @@ class KVCache:
         store.frontier = end
         return KVCache(store, end, self.kind, self.ring, self.limit, self.shift)
 
-    def _rebuilt(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
-        """:meth:`write` out of place: the kept positions, oldest first, in new buffers (for
-        an empty cache, views of k and v: a whole-sequence forward copies nothing)."""
+    def rebuilt(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """:meth:`write` out of place: the kept positions, oldest first, in new buffers. On an
+        empty cache these are views of k and v, so a whole-sequence forward, which calls this
+        directly, copies nothing."""
         n = self.held()
         p0 = self._stop(self.pos) - n                  # the position of the oldest kept one
         end = self.pos + k.shape[2]
@@ -489,6 +490,21 @@ class SoftmaxAttention(Block):
         if gate is not None:
             y = y * torch.sigmoid(gate)
         return self.o_proj(y)
+
+    def mask(self) -> dict:
+        """This block's visibility arguments of ``op("attention")`` (``window``,
+        ``block_size``); subclasses name theirs."""
+        return {}
+
+    def forward(self, x, state=None):
+        mask = self.mask()
+        q, k, v, gate = self.project(x, 0 if state is None else state.pos)
+        if state is None:                     # whole sequence: the cache views k and v
+            y = self.attend(q, k, v, **mask)
+            state = self.init_state(x.shape[0], x.device, x.dtype).rebuilt(k, v)
+        else:
+            y, state = self.attend_cached(q, k, v, state, **mask)
+        return self.output(y, gate), state
 
     def attend_cached(self, q, k, v, cache: KVCache, **mask) -> tuple[torch.Tensor, KVCache]:
         """Attention of this call's queries over ``cache`` and the new keys k, v; returns

@@ -64,11 +64,11 @@ class SparseAttention(SoftmaxAttention):
         win, glob = state["window"], state["global"]
         pos0 = win.pos
         q, k, v, gate = self.project(x, pos0)
-        glob = glob._rebuilt(k, v) if fresh else glob.write(k, v)     # positions 0 .. g - 1
+        glob = glob.rebuilt(k, v) if fresh else glob.write(k, v)     # positions 0 .. g - 1
         if fresh:                             # whole sequence: the caches view k and v
             kg, vg = glob.ordered(glob.held())
             y = self.attend(q, k, v, window=w, k_global=kg, v_global=vg)
-            win = win._rebuilt(k, v)
+            win = win.rebuilt(k, v)
         elif q.shape[2] == 1:
             # decode: the window's ring, and the global keys it no longer holds (p <= pos - w)
             win = win.write(k, v)

@@ -1,5 +1,6 @@
-"""Helpers shared by the chunked forms of several ops (``gated_linear_recurrence`` and
-``delta_rule``): batched products on views, sums along the chunk dim, the head-major layout."""
+"""Helpers shared by several ops (``gated_linear_recurrence`` and ``delta_rule``): for the
+chunked forms batched products on views, sums along the chunk dim, the head-major layout; for
+the ``step`` forms the shape declaration and a dtype cast that skips no-op calls."""
 from __future__ import annotations
 
 import torch
@@ -44,3 +45,17 @@ def excl_cumsum(x: torch.Tensor) -> torch.Tensor:
     out[..., :1, :] = 0
     torch.cumsum(x[..., :-1, :], -2, out=out[..., 1:, :])
     return out
+
+
+def one_token(q, *args, **kwargs) -> str | None:
+    """T = 1 (one decode step)"""
+    if q.shape[1] != 1:
+        return (f"it runs one token per call (T = 1, a decode step); this call has "
+                f"T = {q.shape[1]}")
+    return None
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in ``dtype``; x itself, without an aten call, where it already is (a decode step
+    makes each call once per token)."""
+    return x if x.dtype == dtype else x.to(dtype)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from composer.core.block import state_nbytes
+from composer.core.block import state_leaves, state_nbytes
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,14 +57,9 @@ class ModelCache:
 
 def reserve_caches(state: Any, positions: int) -> None:
     """Preallocate every KV cache inside a (nested) block state for ``positions`` tokens."""
-    if isinstance(state, dict):
-        for v in state.values():
-            reserve_caches(v, positions)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            reserve_caches(v, positions)
-    elif hasattr(state, "reserve"):
-        state.reserve(positions)
+    for x in state_leaves(state):
+        if hasattr(x, "reserve"):
+            x.reserve(positions)
 
 
 def init_cache(model, batch: int, capacity: int | None = None, device=None,
@@ -241,11 +236,12 @@ class Generation:
             picked = choose(logits, self.sampling, self.generator).tolist()
             out: list[int | None] = []
             feed = []
+            done = self.finished
             for b, p in enumerate(prompts):
                 if pos < lens[b]:                      # still reading its prompt
                     out.append(None)
                     feed.append(p[pos])
-                elif self.finished[b]:
+                elif done[b]:
                     out.append(None)
                     feed.append(self.new_tokens[b][-1])
                 else:

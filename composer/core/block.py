@@ -91,13 +91,20 @@ def no_autocast(fn):
     return wrapped
 
 
-def state_nbytes(state: Any) -> int:
-    """Bytes of a block's (or a model's) state: every tensor in it, nested in dicts, lists and
-    tuples, plus objects that report ``nbytes`` themselves (a KV cache: its buffers)."""
-    if state is None or isinstance(state, (int, float, bool, str)):
-        return 0
+def state_leaves(state: Any):
+    """The objects inside a (nested) block or model state: tensors, caches, positions; dicts,
+    lists and tuples are walked, None is skipped."""
     if isinstance(state, dict):
-        return sum(state_nbytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_nbytes(v) for v in state)
-    return int(state.nbytes)
+        for v in state.values():
+            yield from state_leaves(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from state_leaves(v)
+    elif state is not None:
+        yield state
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of a block's (or a model's) state: every tensor in it plus objects that report
+    ``nbytes`` themselves (a KV cache: its buffers); counters count nothing."""
+    return sum(int(x.nbytes) for x in state_leaves(state) if hasattr(x, "nbytes"))

@@ -15,19 +15,13 @@ from __future__ import annotations
 import torch
 
 from blocks.ops.delta import OP
+from blocks.ops.common import as_dtype, one_token
 from composer.core.block import accum_dtype, no_autocast
 from composer.core.registry import register_backend
 
 
-def _one_step(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
-    """T = 1 (one decode step)"""
-    if q.shape[1] != 1:
-        return (f"it runs one token per call (T = 1, a decode step); this call has "
-                f"T = {q.shape[1]}")
-    return None
 
-
-@register_backend(OP, "step", priority=40, accepts=_one_step)
+@register_backend(OP, "step", priority=40, accepts=one_token)
 @no_autocast
 def delta_step(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 64):
     """One token (T = 1): S = diag(w) S_0 + b (a^T S_0) + k v^T, o = S^T q in plain ops.
@@ -40,29 +34,23 @@ def delta_step(q, k, v, b, log_w=None, state=None, *, a=None, chunk_size: int = 
     V = v.shape[-1]
     acc = accum_dtype(q.dtype)
     # T = 1: dropping it is a view whatever the strides
-    k = _to(k, acc)
+    k = as_dtype(k, acc)
     k_col = k.reshape(B, H, K, 1)
-    v_row = _to(v, acc).reshape(B, H, 1, V)
+    v_row = as_dtype(v, acc).reshape(B, H, 1, V)
     if state is None:                        # S_0 = 0: nothing to read or decay
         S = k_col * v_row
     else:
-        S0 = _to(state, acc)
-        read = (k if a is None else _to(a, acc)).reshape(B, H, 1, K) @ S0     # (B, H, 1, V)
+        S0 = as_dtype(state, acc)
+        read = (k if a is None else as_dtype(a, acc)).reshape(B, H, 1, K) @ S0     # (B, H, 1, V)
         S = S0
         if log_w is not None:
-            w = _to(log_w, acc).exp()
+            w = as_dtype(log_w, acc).exp()
             S = S0 * w.reshape((B, H, K, 1) if log_w.dim() == 4 else (B, H, 1, 1))
         if b.dim() == 3:                     # b k: write v + b u along k
-            S = torch.addcmul(S, k_col, torch.addcmul(v_row, _to(b, acc).reshape(B, H, 1, 1),
+            S = torch.addcmul(S, k_col, torch.addcmul(v_row, as_dtype(b, acc).reshape(B, H, 1, 1),
                                                       read))
         else:
-            S = torch.addcmul(torch.addcmul(S, _to(b, acc).reshape(B, H, K, 1), read),
+            S = torch.addcmul(torch.addcmul(S, as_dtype(b, acc).reshape(B, H, K, 1), read),
                               k_col, v_row)
-    o = _to(q, acc).reshape(B, H, 1, K) @ S                                   # (B, H, 1, V)
-    return _to(o.reshape(B, 1, H, V), q.dtype), _to(S, q.dtype)
-
-
-def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in ``dtype``; x itself, without an aten call, where it already is (each call
-    counts at one token per step)."""
-    return x if x.dtype == dtype else x.to(dtype)
+    o = as_dtype(q, acc).reshape(B, H, 1, K) @ S                                   # (B, H, 1, V)
+    return as_dtype(o.reshape(B, 1, H, V), q.dtype), as_dtype(S, q.dtype)

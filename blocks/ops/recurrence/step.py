@@ -14,19 +14,13 @@ from __future__ import annotations
 import torch
 
 from blocks.ops.recurrence import OP
+from blocks.ops.common import as_dtype, one_token
 from composer.core.block import accum_dtype, no_autocast
 from composer.core.registry import register_backend
 
 
-def _one_step(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
-    """T = 1 (one decode step)"""
-    if q.shape[1] != 1:
-        return (f"it runs one token per call (T = 1, a decode step); this call has "
-                f"T = {q.shape[1]}")
-    return None
 
-
-@register_backend(OP, "step", priority=40, accepts=_one_step)
+@register_backend(OP, "step", priority=40, accepts=one_token)
 @no_autocast
 def recurrence_step(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=None):
     """One token (T = 1): S = G * S_0 + k v^T, o = S^T q in plain PyTorch ops (decode).
@@ -41,23 +35,17 @@ def recurrence_step(q, k, v, log_g=None, state=None, chunk_size: int = 64, A=Non
     # heads as (B, Hk, H / Hk) where q and k are shared, else (B, H): views (T = 1 drops
     # whatever its stride), and matmul batches 4-d operands with fewer steps than 5-d
     hs = (B, H) if Hk == H else (B, Hk, H // Hk)
-    S = _to(k, acc).reshape(hs[:2] + (1,) * (len(hs) - 2) + (K, 1)) \
-        * _to(v, acc).reshape(hs + (1, V))                                      # k v^T
+    S = as_dtype(k, acc).reshape(hs[:2] + (1,) * (len(hs) - 2) + (K, 1)) \
+        * as_dtype(v, acc).reshape(hs + (1, V))                                      # k v^T
     if state is not None:
-        S0 = _to(state, acc).reshape(hs + (K, V))
+        S0 = as_dtype(state, acc).reshape(hs + (K, V))
         if log_g is None:
             S = S0 + S
         else:
-            lg = _to(log_g, acc)
+            lg = as_dtype(log_g, acc)
             if A is not None:                                       # dt * A: (B, 1, H, K)
-                lg = lg[..., None] * _to(A, acc)
+                lg = lg[..., None] * as_dtype(A, acc)
             S = torch.addcmul(S, lg.exp().reshape(hs + ((K, 1) if lg.dim() == 4 else (1, 1))),
                               S0)
-    o = _to(q, acc).reshape(hs[:2] + (1,) * (len(hs) - 1) + (K,)) @ S      # (.., 1, V)
-    return _to(o.reshape(B, 1, H, V), q.dtype), _to(S.reshape(B, H, K, V), q.dtype)
-
-
-def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in ``dtype``; x itself, without an aten call, where it already is (each call
-    counts at one token per step)."""
-    return x if x.dtype == dtype else x.to(dtype)
+    o = as_dtype(q, acc).reshape(hs[:2] + (1,) * (len(hs) - 1) + (K,)) @ S      # (.., 1, V)
+    return as_dtype(o.reshape(B, 1, H, V), q.dtype), as_dtype(S.reshape(B, H, K, V), q.dtype)
