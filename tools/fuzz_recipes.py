@@ -81,6 +81,7 @@ from composer.core.block import BlockSpec, Spec  # noqa: E402
 from composer.core.errors import HycompError  # noqa: E402
 from composer.core.registry import block_types, default_symbols, ops  # noqa: E402
 from composer.recipe import schema  # noqa: E402
+from composer.recipe.tasks import TASKS  # noqa: E402
 from composer.recipe.schedule import MEGATRON_SYMBOLS as MEGATRON  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -687,7 +688,7 @@ def recipe_dicts(draw) -> dict:
     out: dict[str, Any] = {"model": model_section(draw, ctx)}
     for name in ("data", "train"):
         if _chance(draw, 30):
-            cls = schema.Recipe.model_fields[name].annotation
+            cls = draw(st.sampled_from(_section_classes(name)))
             out[name] = spec_dict(draw, ctx, name, cls, keep=15)
     if _chance(draw, 30):
         out["kernels"] = kernels_section(draw, ctx)
@@ -738,8 +739,16 @@ def _leaf_fields(cls: type, prefix: str) -> list[tuple[str, Any, Any]]:
     return out
 
 
-SCHEMA_KEYS = [k for sec in ("model", "data", "train")
-               for k in _leaf_fields(schema.Recipe.model_fields[sec].annotation, sec)]
+def _section_classes(name: str) -> list[type]:
+    """The models a section validates against: ``data`` is text or one task's settings."""
+    if name == "data":
+        return [schema.DataConfig, *TASKS.values()]
+    return [schema.Recipe.model_fields[name].annotation]
+
+
+SCHEMA_KEYS = list({k[0]: k for sec in ("model", "data", "train")
+                    for cls in _section_classes(sec)
+                    for k in _leaf_fields(cls, sec)}.values())
 
 
 def _base_blocks(model_name: str) -> dict[str, str]:

@@ -23,6 +23,8 @@ COMMANDS = {
     "schema": "print the JSON schema of recipes (or of one block type)",
     "kernels": "list ops x backends and what runs on this machine",
     "generate": "continue a prompt with a trained model (a run or checkpoint folder)",
+    "eval": "score a trained run on its data or on synthetic tasks, at any length",
+    "compare": "one table and plots across runs or sweeps: quality against cost",
 }
 
 EPILOG = """examples:
@@ -33,6 +35,9 @@ EPILOG = """examples:
   hycomp viz model=gemma3_tiny
   hycomp check -r my_recipe.yaml model.d_model=256
   hycomp generate runs/2026-12-05/10-00-00 --prompt "def fibonacci("
+  hycomp train -m data=mqar model.schedule.pattern=MMMM,MMM* train.lr=1e-3,3e-3
+  hycomp eval RUN --task mqar --seq-len 256,512
+  hycomp compare runs/multirun/2026-12-06/10-00-00
 
 run 'hycomp <command> --help' for the options of a command."""
 
@@ -73,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--block", default=None, help="print only this block type's spec schema")
     sub.add_parser("kernels", help=COMMANDS["kernels"], description=COMMANDS["kernels"])
     _generate_args(sub)
+    from composer.cli import compare, evaluate
+    evaluate.add_parser(sub)
+    compare.add_parser(sub)
     return ap
 
 
@@ -146,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     try:
+        from composer.cli import compare, evaluate
         return {"check": _check, "viz": _viz, "schema": _schema, "kernels": _kernels,
-                "generate": _generate}[args.command](args)
+                "generate": _generate, "eval": evaluate.main,
+                "compare": compare.main}[args.command](args)
     except HycompError as e:
         _fail(e)
     return 0
@@ -407,7 +417,10 @@ def _train(argv: list[str]) -> int:
             overrides, hydra_flags = _recipe_to_hydra(recipe, overrides, hydra_flags)
         overrides += _resume_into_run_folder(overrides)
         from composer.run.app import check_run_dirs
-        check_run_dirs(overrides, multirun=bool({"-m", "--multirun"} & set(hydra_flags)))
+        multirun = bool({"-m", "--multirun"} & set(hydra_flags))
+        check_run_dirs(overrides, multirun=multirun)
+        if multirun:
+            overrides += _name_jobs_by_sweep(overrides)
     except HycompError as e:
         _fail(e)
     from composer.run.app import hydra_train
@@ -429,6 +442,18 @@ def _resume_into_run_folder(overrides: list[str]) -> list[str]:
         return []
     return [f"hydra.run.dir={resume[-1]}",
             "hydra.output_subdir=.hydra/resumed-${now:%Y-%m-%d_%H-%M-%S}"]
+
+
+def _name_jobs_by_sweep(overrides: list[str]) -> list[str]:
+    """Hydra's ``override_dirname`` (job folder names, run labels) limited to the swept keys:
+    every other key of the command line goes to its ``exclude_keys``."""
+    from composer.recipe.compose import parse_overrides
+    keys = [o.split("=", 1)[0] for o in overrides]
+    if any(k.lstrip("+~").startswith("hydra.job.config.override_dirname") for k in keys):
+        return []
+    fixed = sorted({o.key_or_group for o in parse_overrides(overrides)
+                    if not o.is_sweep_override() and not o.key_or_group.startswith("hydra.")})
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]"]
 
 
 def _take_recipe(argv: list[str]) -> tuple[list[str], str]:

@@ -105,6 +105,16 @@ def pydantic_problems(err: ValidationError, prefix: tuple = (),
                 why=f"{_loc_str(loc[:-1]) or 'the recipe'} has no field '{key}'"
                     + (f"; its fields are: {', '.join(valid)}" if valid else ""),
                 fix=("remove it or fix the spelling" + did_you_mean(key, valid))))
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx") or {}
+            tag, tags = ctx.get("tag"), [t.strip(" '") for t in
+                                        str(ctx.get("expected_tags", "")).split(",")]
+            field = str(ctx.get("discriminator", "")).removesuffix("()")
+            key = "task" if field == "_data_kind" else "kind"
+            probs.append(RecipeError(
+                what=f"unknown {key} '{tag}'", where=f"{where}.{key}" if where else key,
+                why=f"{key}s: {', '.join(tags)}",
+                fix="use one of those" + did_you_mean(str(tag), tags)))
         elif e["type"] == "missing":
             probs.append(RecipeError(what=f"missing required key '{loc[-1]}'", where=where,
                                      why=e["msg"], fix=f"set {where}"))

@@ -10,11 +10,12 @@ executed.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Discriminator, Field, PrivateAttr, Tag, field_validator
 
 from composer.core.block import BlockSpec, Spec
+from composer.recipe.tasks import TASKS, TaskData
 
 # --------------------------------------------------------------------------------------------
 # Schedule
@@ -161,6 +162,9 @@ class ModelConfig(Spec):
 class DataConfig(Spec):
     """Training text. Default: the Python standard library's own source, read as bytes."""
 
+    task: Literal["text"] = "text"
+    """What the data is: text (this section), or a synthetic task (`data=mqar`,
+    docs/tasks.md), whose settings replace these."""
     path: str | None = None
     """A text file or a folder of them; null: the Python standard library's .py files."""
     glob: str = "**/*.py"
@@ -172,6 +176,22 @@ class DataConfig(Spec):
     """Read at most this many bytes in all (null: everything)."""
     seq_len: int = Field(256, ge=1)
     """Tokens per training sequence."""
+
+
+def _data_kind(value: Any) -> str:
+    """The union member a ``data`` section validates against: its ``task`` (text when absent,
+    as in recipes written before tasks existed)."""
+    task = value.get("task", "text") if isinstance(value, dict) else getattr(value, "task",
+                                                                            "text")
+    return task if isinstance(task, str) else "text"
+
+
+DataSection = Annotated[Union[(Annotated[DataConfig, Tag("text")],
+                               *(Annotated[cls, Tag(name)] for name, cls in TASKS.items()))],
+                        Discriminator(_data_kind)]
+"""``data``: text, or one synthetic task's settings, chosen by ``data.task``."""
+
+LOGGERS = ("tensorboard", "wandb")
 
 
 class TrainConfig(Spec):
@@ -227,13 +247,23 @@ class TrainConfig(Spec):
     gradient; each such step is skipped, not applied."""
     ignore_memory_check: bool = False
     """Train even when the estimated memory of a step exceeds what the machine has free."""
+    logger: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    """Extra metric sinks beside metrics.jsonl: tensorboard (event files in the run folder),
+    wandb (offline, in the run folder). One name or a list: train.logger=tensorboard."""
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if v is None or v == "none":
+            return []
+        return [x for x in v.split(",") if x] if isinstance(v, str) else v
 
 
 class Recipe(Spec):
     """A whole recipe."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataSection = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     kernels: dict[str, str] = Field(default_factory=dict)
     """Backend per op: auto, or a backend name (`hycomp kernels` lists them)."""

@@ -2,7 +2,8 @@
 :class:`RecipeError` listing every problem with its key path, bad value, reason and fix.
 
 Three passes: the schema (field types and ranges, unknown keys), the kernel choices against the
-registered backends, then the schedule expansion with every block's own spec
+registered backends and a synthetic task's settings (that it can make a sequence, and that its
+tokens fit ``model.vocab_size``), then the schedule expansion with every block's own spec
 (:func:`composer.recipe.schedule.expand_schedule`). The expansion is stored on the recipe
 (``recipe.schedule``), which the build reads.
 """
@@ -30,6 +31,7 @@ def validate_recipe(data: dict) -> Recipe:
         raise bundle(_section_hints(pydantic_problems(err))) from None
     probs = Problems()
     _check_kernels(recipe.kernels, probs)
+    _check_task(recipe, probs)
     recipe._schedule = expand_schedule(recipe.model, probs)
     return recipe
 
@@ -46,6 +48,20 @@ def _section_hints(probs: list) -> list:
                 p.fix = (f"'{key}' is a field of {homes[0]}: write it under '{homes[0]}:' "
                          f"({homes[0]}: {{{key}: ...}})")
     return probs
+
+
+def _check_task(recipe: Recipe, probs: Problems) -> None:
+    data = recipe.data
+    if data.task == "text":
+        return
+    for what, key, why, fix in data.problems():
+        probs.add(what, f"data.{key}", why, fix)
+    need, vocab = data.vocab_needed(), recipe.model.vocab_size
+    if need > vocab:
+        probs.add(f"task {data.task} needs a vocabulary of {need} tokens", "model.vocab_size",
+                  f"the task emits token ids up to {need - 1}; the model's embedding holds "
+                  f"model.vocab_size={vocab}",
+                  f"set model.vocab_size={need}, or lower data.vocab_size to {vocab}")
 
 
 def _check_kernels(kernels: dict[str, str], probs: Problems) -> None:

@@ -20,10 +20,13 @@ stops later writes summary.json with its status.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -54,6 +57,47 @@ def claim_run_dir(path: str) -> str:
 
 
 OmegaConf.register_new_resolver("unique_dir", claim_run_dir, use_cache=True, replace=True)
+
+# Longest sweep job folder name; a longer one is cut and ends with a hash of the whole.
+MAX_JOB_DIR = 96
+
+
+def unescape(text: str | None) -> str:
+    """Hydra's ``override_dirname`` without the backslashes it puts before ``:`` and the
+    other characters of its grammar (``ratio=3\\:1`` -> ``ratio=3:1``)."""
+    return re.sub(r"\\(.)", r"\1", str(text or ""))
+
+
+def _dirname_items(text: str) -> list[tuple[str, str]]:
+    """``override_dirname`` (``k1=v1,k2=v2``, with Hydra's escapes) -> [(key, value)]."""
+    items = []
+    for part in re.split(r"(?<!\\),", str(text or "")):
+        key, _, value = part.partition("=")
+        if key:
+            items.append((key.lstrip("+~"), unescape(value)))
+    return items
+
+
+def job_dir(num: Any, overrides: str | None) -> str:
+    """A sweep job's folder name: ``<job number>_<key>-<value>_...`` from its swept
+    overrides (Hydra's ``override_dirname``, which the CLI restricts to the swept keys).
+    A key is its last dotted part (``model.schedule.pattern`` -> ``pattern``) unless two
+    swept keys end alike; characters that would need quoting in an override (``train.resume=``
+    takes the folder) or in a shell become '_'. Past :data:`MAX_JOB_DIR` characters the name
+    is cut and ends with 8 hex digits of the full name's sha1. The number keeps names unique
+    and sorted: ``3_pattern-MMM*_lr-0.003``."""
+    items = _dirname_items(overrides)
+    lasts = [k.rsplit(".", 1)[-1] for k, _ in items]
+    parts = [f"{last if lasts.count(last) == 1 else key}-{value}"
+             for (key, value), last in zip(items, lasts)]
+    text = re.sub(r"[^A-Za-z0-9._:*@%+-]+", "_", "_".join(parts)).strip("_")
+    name = f"{num}_{text}" if text else str(num)
+    if len(name) > MAX_JOB_DIR:
+        name = name[:MAX_JOB_DIR - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+OmegaConf.register_new_resolver("job_dir", job_dir, replace=True)
 
 
 def _dir_error(path: str, key: str, e: OSError) -> HycompError:
@@ -98,7 +142,11 @@ def hydra_train(cfg: DictConfig) -> float | None:
         recipe = validate_recipe(data)
         if recipe.train.resume:
             recipe = validate_recipe(recipe_for_resume(data, recipe, list(hc.overrides.task)))
-        summary = run(recipe, run_dir)
+        overrides = list(hc.overrides.task)
+        label = (unescape(hc.job.override_dirname).replace(",", ", ")
+                 if hc.mode.name == "MULTIRUN"
+                 else "") or run_dir.name
+        summary = run(recipe, run_dir, overrides=overrides, label=label)
     except HycompError as e:
         _discard_unused(run_dir)
         print(e.render(), file=sys.stderr)

@@ -1,7 +1,9 @@
 """The training loop: ``run(recipe, run_dir) -> summary``.
 
-Per optimizer step ``s`` (0-based): ``grad_accum`` micro-batches of ``batch_size`` random windows
-of ``seq_len`` bytes; loss = mean next-byte cross-entropy (nats, computed in fp32), each
+Per optimizer step ``s`` (0-based): ``grad_accum`` micro-batches of ``batch_size`` sequences of
+``seq_len`` tokens from the recipe's data source (:mod:`composer.run.sources`: random windows of
+text, or synthetic task sequences); loss = mean next-token cross-entropy over the scored
+positions (every position of text, the answers of a task; nats, computed in fp32), each
 micro-batch's loss divided by ``grad_accum`` before ``backward`` (so the gradient is that of the
 mean); the global gradient norm clipped to ``grad_clip``; an AdamW update at ``lr_at(s)``.
 
@@ -10,11 +12,13 @@ mean); the global gradient norm clipped to ``grad_clip``; an AdamW update at ``l
 * Learning rate: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` (:func:`lr_at`). It
   is a function of the step alone, so the step is the whole scheduler state.
 * bf16: ``torch.autocast`` with bfloat16 around the forward; weights, optimizer and loss fp32.
-* Validation: mean loss over ``eval_batches`` fixed batches; bits per byte = loss / ln 2.
+* Validation: text — mean loss over ``eval_batches`` fixed batches, bits per byte = loss /
+  ln 2; a task — loss and accuracy over every scored token of its fixed test set.
 
-Run folder: ``metrics.jsonl`` (one strict JSON object per line, all with ``step``: the unigram
-baseline once, train lines every ``log_every`` steps, validation lines every ``eval_every``
-steps and at the end; a NaN or infinite value is written ``null``), ``checkpoints/``
+Run folder: ``metrics.jsonl`` (one strict JSON object per line, all with ``step``: the baseline
+once (unigram bits per byte, or a task's chance accuracy), train lines every ``log_every``
+steps, validation lines every ``eval_every`` steps and at the end; a NaN or infinite value is
+written ``null``; ``train.logger`` sends the same rows to TensorBoard / W&B), ``checkpoints/``
 (:mod:`composer.run.checkpoint`), ``loss.png`` and ``summary.json`` (with ``status``) at the end;
 progress lines go to the ``composer.run`` logger (``train.log`` under Hydra). One process at a
 time trains a folder (:func:`composer.run.control.run_lock`).
@@ -51,11 +55,12 @@ from composer.run.checkpoint import (NonFiniteCheckpointError, load_checkpoint,
                                      save_checkpoint, write_text_atomic)
 from composer.run.control import run_lock, say, stop_signals
 from composer.run.generate import printable, training_sample
-from composer.run.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits, sample_batch,
-                           unigram_bpb)
+from composer.run.data import BITS_PER_NAT
+from composer.run.sources import Scores, autocast, evaluate, open_source, token_loss
 from composer.core.errors import CheckpointError
 from composer.run.guards import (NonFiniteError, check_before_training, check_data, finite,
                                  json_safe)
+from composer.run.loggers import MetricSinks, check_sinks
 from composer.run.records import append_metrics, metrics_line, read_metrics, write_records
 from composer.run.resume import run_folder
 from composer.run.runtime import pick_device, tune_cpu_allocator
@@ -83,29 +88,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device, dtype: str):
-    """Mean cross-entropy (nats) of logits (B, T, V) against targets (B, T), in fp32."""
-    with _autocast(device, dtype):
+    """Mean cross-entropy (nats) of logits (B, T, V) against targets (B, T) over the scored
+    positions (every position for text), in fp32."""
+    with autocast(device, dtype):
         logits = model(x.to(device))
-    return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten())
+    return token_loss(logits, y.to(device))
 
 
-def _gradients(model: nn.Module, params: list, train: torch.Tensor, gen: torch.Generator, cfg,
-               seq_len: int, device: torch.device) -> tuple[float, float]:
-    """Fill ``.grad`` for one optimizer step: ``grad_accum`` micro-batches (batch_size,
-    seq_len), each loss / grad_accum back-propagated; then clip the global norm to
-    ``grad_clip``. Blocks' auxiliary losses (``model.aux_loss``, e.g. MoE load balancing) are
-    added to what is back-propagated, not to the reported loss. Returns (mean loss in nats,
-    global gradient norm before clipping)."""
+def _gradients(model: nn.Module, params: list, source, gen: torch.Generator, cfg,
+               device: torch.device) -> tuple[float, float]:
+    """Fill ``.grad`` for one optimizer step: ``grad_accum`` micro-batches of ``batch_size``
+    sequences from ``source``, each loss / grad_accum back-propagated; then clip the global
+    norm to ``grad_clip``. Blocks' auxiliary losses (``model.aux_loss``, e.g. MoE load
+    balancing) are added to what is back-propagated, not to the reported loss. Returns (mean
+    loss in nats, global gradient norm before clipping)."""
     for p in params:
         p.grad = None
     loss = 0.0
     for _ in range(cfg.grad_accum):
-        x, y = sample_batch(train, cfg.batch_size, seq_len, gen)
+        x, y = source.batch(cfg.batch_size, gen)
         micro = _loss(model, x, y, device, cfg.dtype)
         aux = getattr(model, "aux_loss", None)
         ((micro if aux is None else micro + aux) / cfg.grad_accum).backward()
@@ -113,20 +115,10 @@ def _gradients(model: nn.Module, params: list, train: torch.Tensor, gen: torch.G
     return loss, nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32") -> float:
-    """Mean validation loss (nats per byte) over fixed ``batches``."""
-    model.eval()
-    try:
-        return sum(_loss(model, x, y, device, dtype).item() for x, y in batches) / len(batches)
-    finally:
-        model.train()
-
-
 # The TrainState fields a checkpoint's trainer.json records and a resume restores, in the order
 # they are written.
 _TRAINER_FIELDS = ("step", "tokens", "elapsed", "train_loss", "val_loss", "val_step",
-                   "best_val_loss", "skipped_steps")
+                   "best_val_loss", "skipped_steps", "val_acc", "best_val_acc")
 
 
 @dataclass
@@ -137,9 +129,9 @@ class TrainState:
     run_dir: Path
     metrics: Path                      # run_dir / metrics.jsonl
     device: torch.device
-    train: torch.Tensor                # training bytes
+    source: Any                        # TextSource | TaskSource (composer.run.sources)
     val_batches: list                  # fixed validation batches
-    unigram_bpb: float
+    baseline: dict                     # unigram_bpb (text) or chance_acc (task), split sizes
     model: nn.Module
     opt: torch.optim.Optimizer
     params: list                       # every parameter the optimizer updates (for clipping)
@@ -155,6 +147,8 @@ class TrainState:
     val_step: int | None = None
     best_val_loss: float | None = None
     skipped_steps: int = 0             # steps not applied: non-finite loss or gradient
+    val_acc: float | None = None       # tasks: accuracy on the scored test positions
+    best_val_acc: float | None = None
     # This session only.
     bad_steps: int = 0                 # non-finite steps in a row, up to this one
     elapsed0: float = 0.0              # elapsed when this session started
@@ -167,6 +161,9 @@ class TrainState:
     interrupted: bool = False          # set by the first Ctrl-C or SIGTERM (stop_signals)
     stop_signal: str | None = None     # which one
     bar: Any = None                    # the tqdm progress bar
+    sinks: Any = None                  # MetricSinks: train.logger's TensorBoard / W&B
+    overrides: list = field(default_factory=list)  # the command line's overrides (Hydra's)
+    label: str = ""                    # what names this run in titles and comparisons
 
     @property
     def cfg(self):
@@ -180,13 +177,14 @@ class TrainState:
 def _setup(recipe, run_dir: Path, ckpt: Path | None) -> TrainState:
     """Device, checks (:func:`~composer.run.guards.check_before_training`: nothing allocated
     yet), threads, data, seeded model and optimizer, then either the resumed checkpoint or a
-    fresh metrics.jsonl (its first row: the unigram baseline); opens the bar."""
+    fresh metrics.jsonl (its first row: the baseline); opens the bar."""
     import composer
 
     t0 = time.perf_counter()
-    cfg, seq_len = recipe.train, recipe.data.seq_len
+    cfg = recipe.train
     device = pick_device(cfg.device)
     check_before_training(recipe, device)
+    check_sinks(cfg.logger)
     if cfg.warmup_steps >= cfg.steps:
         say(f"warning: train.warmup_steps={cfg.warmup_steps} >= train.steps={cfg.steps}: the "
             f"learning rate never reaches train.lr and never decays", warn=True)
@@ -195,30 +193,27 @@ def _setup(recipe, run_dir: Path, ckpt: Path | None) -> TrainState:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    train, val = load_splits(recipe.data)
-    check_split(train, seq_len, "training")
-    warning = check_data(recipe, train, val)
-    if warning:
-        say(warning, warn=True)
-    val_batches = fixed_batches(val, cfg.eval_batches, cfg.batch_size, seq_len)
-    uni = unigram_bpb(train, val)
+    source = open_source(recipe.data)
+    if not source.is_task:
+        warning = check_data(recipe, source.train, source.val)
+        if warning:
+            say(warning, warn=True)
+    val_batches = source.eval_batches(cfg.eval_batches, cfg.batch_size)
 
     torch.manual_seed(cfg.seed)
     model = composer.build_model(recipe).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2))
     st = TrainState(recipe=recipe, run_dir=run_dir, metrics=run_dir / "metrics.jsonl",
-                    device=device, train=train, val_batches=val_batches,
-                    unigram_bpb=uni, model=model, opt=opt,
+                    device=device, source=source, val_batches=val_batches,
+                    baseline=source.baseline(), model=model, opt=opt,
                     params=[p for g in opt.param_groups for p in g["params"]],
                     n_params=sum(p.numel() for p in model.parameters()),
                     gen=torch.Generator().manual_seed(cfg.seed), t0=t0)
     if ckpt is not None:
         _resume(st, ckpt)
     else:
-        st.metrics.write_text(metrics_line({"step": 0, "unigram_bpb": st.unigram_bpb,
-                                     "train_bytes": train.numel(), "val_bytes": val.numel(),
-                                     "params": st.n_params}))
+        st.metrics.write_text(metrics_line({"step": 0, **st.baseline, "params": st.n_params}))
     st.elapsed0 = st.elapsed
     st.snapshot = _rng_states(st)
     st.bar = tqdm(total=cfg.steps, initial=min(st.step, cfg.steps), disable=not cfg.progress,
@@ -263,7 +258,7 @@ def _train_step(st: TrainState) -> None:
     lr = lr_at(st.step, cfg)
     for g in st.opt.param_groups:
         g["lr"] = lr
-    loss, grad_norm = _gradients(st.model, st.params, st.train, st.gen, cfg, seq_len, st.device)
+    loss, grad_norm = _gradients(st.model, st.params, st.source, st.gen, cfg, st.device)
     st.updating = True
     if finite(loss) and finite(grad_norm):
         st.opt.step()
@@ -281,10 +276,10 @@ def _train_step(st: TrainState) -> None:
     st.bar.update(1)
     st.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.tokens_per_s:,.0f}")
     if st.due(cfg.log_every):
-        append_metrics(st.metrics, {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens": st.tokens, "tokens_per_s": st.tokens_per_s,
-                             "elapsed": st.elapsed0 + time.perf_counter() - st.t0,
-                             "skipped_steps": st.skipped_steps})
+        _log(st, {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": st.tokens, "tokens_per_s": st.tokens_per_s,
+                  "elapsed": st.elapsed0 + time.perf_counter() - st.t0,
+                  "skipped_steps": st.skipped_steps})
         say(f"step {st.step}/{cfg.steps}  loss {loss:.4f}  lr {lr:.3g}  grad_norm "
             f"{grad_norm:.3g}  {st.tokens_per_s:,.0f} tok/s  skipped {st.skipped_steps}")
     if st.bad_steps >= cfg.max_bad_steps:
@@ -316,21 +311,42 @@ def _diverged(st: TrainState) -> None:
                    "many such steps in a row stop a run)")
 
 
+def _log(st: TrainState, row: dict) -> None:
+    """One metrics row: to metrics.jsonl (the record), then to ``train.logger``'s sinks."""
+    append_metrics(st.metrics, row)
+    if st.sinks is not None:
+        st.sinks.log(row)
+
+
 def _validate(st: TrainState) -> None:
-    st.val_loss = evaluate(st.model, st.val_batches, st.device, st.cfg.dtype)
-    st.val_step = st.step
+    task = st.source.is_task
+    scores = evaluate(st.model, st.val_batches, st.device, st.cfg.dtype, accuracy=task)
+    st.val_loss, st.val_step = scores.loss, st.step
     if finite(st.val_loss) and (st.best_val_loss is None or st.val_loss < st.best_val_loss):
         st.best_val_loss = st.val_loss
-    append_metrics(st.metrics, {"step": st.step, "val_loss": st.val_loss,
-                         "val_bpb": st.val_loss * BITS_PER_NAT})
-    say(f"step {st.step}/{st.cfg.steps}  validation {st.val_loss * BITS_PER_NAT:.4f} bits/byte")
+    if task:
+        st.val_acc = scores.accuracy
+        if st.val_acc is not None and (st.best_val_acc is None or st.val_acc > st.best_val_acc):
+            st.best_val_acc = st.val_acc
+        _log(st, {"step": st.step, "val_loss": st.val_loss, "val_acc": st.val_acc})
+        say(f"step {st.step}/{st.cfg.steps}  validation loss {st.val_loss:.4f}  accuracy "
+            f"{st.val_acc:.1%}")
+    else:
+        _log(st, {"step": st.step, "val_loss": st.val_loss, "val_bpb": scores.bpb})
+        say(f"step {st.step}/{st.cfg.steps}  validation {scores.bpb:.4f} bits/byte")
+
+
+def _val_postfix(st: TrainState) -> dict:
+    if st.source.is_task:
+        return {"val_acc": f"{st.val_acc:.1%}" if st.val_acc is not None else "-"}
+    return {"val_bpb": f"{st.val_loss * BITS_PER_NAT:.3f}"}
 
 
 def _maybe_evaluate(st: TrainState) -> None:
     if st.due(st.cfg.eval_every):
         _validate(st)
         st.bar.set_postfix(loss=f"{st.train_loss:.3f}", tok_s=f"{st.tokens_per_s:,.0f}",
-                           val_bpb=f"{st.val_loss * BITS_PER_NAT:.3f}")
+                           **_val_postfix(st))
 
 
 def _save(st: TrainState) -> None:
@@ -388,18 +404,26 @@ def _on_stop(st: TrainState, e: BaseException) -> None:
 
 def _record(st: TrainState, status: str, error: str | None = None) -> dict:
     """Write loss.png and summary.json (:mod:`composer.run.records`); return the summary."""
-    summary = {"status": status, "run_dir": str(st.run_dir), "steps": st.step,
-               "tokens": st.tokens, "train_loss": st.train_loss, "val_loss": st.val_loss,
-               "val_bpb": None if st.val_loss is None else st.val_loss * BITS_PER_NAT,
-               "unigram_bpb": st.unigram_bpb, "best_val_loss": st.best_val_loss,
-               "tokens_per_s": st.session_tokens / st.train_time if st.train_time else None,
-               "wall_s": time.perf_counter() - st.t0, "params": st.n_params,
-               "device": str(st.device), "skipped_steps": st.skipped_steps,
-               "last_checkpoint": st.saved_step}
+    task = st.recipe.data.task
+    summary = {"status": status, "run_dir": str(st.run_dir), "label": st.label, "task": task,
+               "schedule": st.recipe.schedule.pattern, "overrides": st.overrides,
+               "steps": st.step, "tokens": st.tokens, "train_loss": st.train_loss,
+               "val_loss": st.val_loss, "best_val_loss": st.best_val_loss}
+    if st.source.is_task:
+        summary.update(val_acc=st.val_acc, best_val_acc=st.best_val_acc,
+                       chance_acc=st.baseline["chance_acc"])
+    else:
+        summary.update(val_bpb=None if st.val_loss is None else st.val_loss * BITS_PER_NAT,
+                       unigram_bpb=st.baseline["unigram_bpb"])
+    summary.update({"tokens_per_s": st.session_tokens / st.train_time if st.train_time else None,
+                    "wall_s": time.perf_counter() - st.t0, "params": st.n_params,
+                    "device": str(st.device), "skipped_steps": st.skipped_steps,
+                    "last_checkpoint": st.saved_step})
     if error is not None:
         summary["error"] = error
+    what = f"{task}, " if st.source.is_task else ""
     return write_records(st.run_dir, st.metrics, summary,
-                         title=f"{st.run_dir.name}: {st.n_params / 1e6:.2f}M parameters")
+                         title=f"{st.label}\n{what}{st.n_params / 1e6:.2f}M parameters")
 
 
 def _finish(st: TrainState) -> dict:
@@ -411,13 +435,19 @@ def _finish(st: TrainState) -> dict:
     if st.saved_step != st.step:
         _save(st)
     summary = _record(st, "completed")
-    val_bpb, uni = st.val_loss * BITS_PER_NAT, st.unigram_bpb
-    verdict = "below" if val_bpb < uni else "NOT below"
-    line = (f"step {st.step}: validation {val_bpb:.3f} bits/byte, {verdict} the unigram "
-            f"baseline {uni:.3f}; run folder {st.run_dir}")
+    if st.source.is_task:
+        chance = st.baseline["chance_acc"]
+        line = (f"step {st.step}: {st.recipe.data.task} test accuracy {st.val_acc:.1%} "
+                f"(chance {chance:.1%}), loss {st.val_loss:.3f}; run folder {st.run_dir}")
+    else:
+        val_bpb, uni = st.val_loss * BITS_PER_NAT, st.baseline["unigram_bpb"]
+        verdict = "below" if val_bpb < uni else "NOT below"
+        line = (f"step {st.step}: validation {val_bpb:.3f} bits/byte, {verdict} the unigram "
+                f"baseline {uni:.3f}; run folder {st.run_dir}")
     print(line)
     say(line)
-    _sample(st)
+    if not st.source.is_task:
+        _sample(st)
     return summary
 
 
@@ -440,25 +470,39 @@ def _sample(st: TrainState) -> None:
     say(f"{head}\n{prompt + text}")
 
 
-def run(recipe, run_dir: Path) -> dict:
+def run(recipe, run_dir: Path, overrides: list[str] | None = None,
+        label: str | None = None) -> dict:
     """Train ``recipe`` in ``run_dir`` (or continue ``train.resume``); return the summary
-    (also written to ``summary.json``): status, steps, tokens, train_loss, val_loss (nats),
-    val_bpb, unigram_bpb, best_val_loss, tokens_per_s, wall_s, params, device, run_dir,
-    skipped_steps, last_checkpoint. A stop raises (``KeyboardInterrupt``,
+    (also written to ``summary.json``): status, run_dir, label, task, schedule (the pattern,
+    one symbol per sub-layer), overrides, steps, tokens, train_loss, val_loss (nats),
+    best_val_loss, then val_bpb and unigram_bpb (text) or val_acc, best_val_acc and chance_acc
+    (a task), tokens_per_s, wall_s, params, device, skipped_steps, last_checkpoint.
+    ``overrides`` (the command line's) and ``label`` (default: the folder's name) are recorded
+    for comparisons and titles. A stop raises (``KeyboardInterrupt``,
     :class:`~composer.run.guards.NonFiniteError`, ...) after checkpointing and writing
     summary.json (with the stop's status) and loss.png."""
     run_dir, ckpt = run_folder(recipe, run_dir)
     with run_lock(run_dir):
         st = _setup(recipe, run_dir, ckpt)
+        st.overrides, st.label = list(overrides or []), label or run_dir.name
+        if st.cfg.logger:
+            st.sinks = MetricSinks(st.cfg.logger, run_dir, recipe.model_dump(mode="json"),
+                                   st.label, start_step=st.step if ckpt is not None else 0)
+            if ckpt is None:
+                st.sinks.log(read_metrics(st.metrics)[0])
         try:
-            with stop_signals(st):
-                while st.step < st.cfg.steps:
-                    if st.interrupted:
-                        raise KeyboardInterrupt
-                    _train_step(st)
-                    _maybe_evaluate(st)
-                    _maybe_checkpoint(st)
-        except BaseException as e:
-            _on_stop(st, e)
-            raise
-        return _finish(st)
+            try:
+                with stop_signals(st):
+                    while st.step < st.cfg.steps:
+                        if st.interrupted:
+                            raise KeyboardInterrupt
+                        _train_step(st)
+                        _maybe_evaluate(st)
+                        _maybe_checkpoint(st)
+            except BaseException as e:
+                _on_stop(st, e)
+                raise
+            return _finish(st)
+        finally:
+            if st.sinks is not None:
+                st.sinks.close()

@@ -105,12 +105,20 @@ def test_train_sweep_and_resume_through_the_cli(tmp_path):
     p = hycomp("train", "-m", "model.schedule.ratio=1:1,3:1", *TINY_TRAIN,
                f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    for job in ("0", "1"):
-        run = tmp_path / "sweep" / job
+    # job folders and labels name the swept override, not only the job number
+    assert sorted(q.name for q in (tmp_path / "sweep").iterdir() if q.is_dir()) == [
+        "0_ratio-1:1", "1_ratio-3:1"]
+    for job, ratio in (("0", "1:1"), ("1", "3:1")):
+        run = tmp_path / "sweep" / f"{job}_ratio-{ratio}"
         assert (run / "metrics.jsonl").exists() and (run / "loss.png").exists()
         assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
         assert (run / ".hydra" / "overrides.yaml").exists()
-    first = tmp_path / "sweep" / "0"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["label"] == f"model.schedule.ratio={ratio}"
+        # the overrides as Hydra recorded them (its grammar escapes ':')
+        assert f"model.schedule.ratio={ratio}".replace(":", "\\:") in summary["overrides"]
+        assert "train.steps=4" in summary["overrides"]
+    first = tmp_path / "sweep" / "0_ratio-1:1"
     p = hycomp("train", "model.schedule.ratio=1:1", *TINY_TRAIN, "train.steps=6",
                f"train.resume={first}", f"hydra.run.dir={tmp_path}/resumed", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

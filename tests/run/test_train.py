@@ -9,6 +9,7 @@ import pytest
 
 import composer
 import composer.run.train as train_mod
+from composer.run import sources
 from composer.core.errors import CheckpointError
 from composer.run.data import load_splits
 from composer.run.generate import sample_prompt
@@ -115,7 +116,7 @@ def test_interrupt_then_resume_matches_straight_run(tmp_path, monkeypatch, strai
     after step 4) and a summary saying the run was interrupted there, and resuming reproduces
     the straight run."""
     calls = {"n": 0}
-    real = train_mod.sample_batch
+    real = sources.sample_batch
 
     def interrupting(*args, **kw):
         calls["n"] += 1
@@ -127,10 +128,10 @@ def test_interrupt_then_resume_matches_straight_run(tmp_path, monkeypatch, strai
         return batch
 
     d = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "sample_batch", interrupting)
+    monkeypatch.setattr(sources, "sample_batch", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run(tiny(), d)
-    monkeypatch.setattr(train_mod, "sample_batch", real)
+    monkeypatch.setattr(sources, "sample_batch", real)
     assert (d / "checkpoints" / "latest").read_text().strip() == "step_000004"
     assert not (d / "sample.txt").exists()              # a stopped run prints no sample
     stopped = json.loads((d / "summary.json").read_text())

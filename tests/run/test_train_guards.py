@@ -17,6 +17,7 @@ import pytest
 
 import composer
 import composer.run.train as train_mod
+from composer.run import sources
 from composer.core.errors import DataError, HycompError, RecipeError
 from composer.run.checkpoint import load_checkpoint
 from composer.run.train import read_metrics, run
@@ -202,7 +203,7 @@ def test_binary_data_and_long_warmup_are_warned_about(tmp_path, capsys):
 # ---- 16: a stopped run still writes its summary -------------------------------------------------
 def test_failed_run_records_status_and_loss_png(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train_mod.sample_batch
+    real = sources.sample_batch
 
     def failing(*a, **kw):
         calls["n"] += 1
@@ -210,7 +211,7 @@ def test_failed_run_records_status_and_loss_png(tmp_path, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(*a, **kw)
 
-    monkeypatch.setattr(train_mod, "sample_batch", failing)
+    monkeypatch.setattr(sources, "sample_batch", failing)
     d = tmp_path / "run"
     with pytest.raises(RuntimeError):
         run(tiny(), d)
