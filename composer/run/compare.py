@@ -46,6 +46,8 @@ SOFTMAX_ATTENTION = frozenset({"attention", "block_attention", "sparse_attention
 """Block kinds that mix by softmax attention over (some of) the past tokens: ``attention``
 (global or sliding window), ``block_attention`` (chunks), ``sparse_attention`` (global tokens
 plus a window). The linear-attention and recurrent families are not among them."""
+SHORT_MIXERS = frozenset({"base_conv"})
+"""Mixers left out of the attention share: they see only a few neighbouring tokens."""
 
 BOOKKEEPING = frozenset({
     "train.resume", "train.progress", "train.threads", "train.logger", "train.log_every",
@@ -352,7 +354,9 @@ def _labels(records, shown, keys, short, fallback) -> list[str]:
 def attention_share(g) -> float | None:
     """Share of the sequence mixing done by softmax attention, over the layer graph ``g``:
     ``A / N``. N counts the sequence-mixing sub-layers: every schedule entry but the FFNs
-    (role ``ffn``: mlp, moe), a routed sub-layer only when one of its paths is a mixer. A
+    (role ``ffn``: mlp, moe) and the short convolutions (:data:`SHORT_MIXERS`: they mix k
+    neighbouring tokens, Zoology's companion of every mixer), a routed sub-layer only when one
+    of its paths is a mixer. A
     sub-layer adds to A the fraction of its mixers that are softmax attention
     (:data:`SOFTMAX_ATTENTION`): 1 or 0 for a plain one, over the branches of a parallel
     sub-layer (Hymba's attention beside Mamba: 1/2), over the mixer paths of a routed one.
@@ -368,6 +372,7 @@ def attention_share(g) -> float | None:
                      if a["kind"] == "routed" else [a["kind"]])
         else:
             continue
+        kinds = [k for k in kinds if k not in SHORT_MIXERS]
         if kinds:
             n += 1
             a_sum += sum(k in SOFTMAX_ATTENTION for k in kinds) / len(kinds)

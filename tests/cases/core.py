@@ -1,4 +1,4 @@
-"""Cases for the blocks of the first issue: attention, Mamba-2, MLP."""
+"""Cases for the blocks of the first issue (attention, Mamba-2, MLP) and Zoology's BaseConv."""
 CASES = {
     "attention": {"n_heads": 4, "n_kv_heads": 2},
     "attention_window": {"kind": "attention", "n_heads": 2, "window": 5},
@@ -9,4 +9,6 @@ CASES = {
                       "chunk_size": 5},
     "mlp": {},
     "mlp_gelu": {"kind": "mlp", "activation": "gelu"},
+    "base_conv": {},
+    "base_conv_k4": {"kind": "base_conv", "kernel_size": 4},
 }

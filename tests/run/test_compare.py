@@ -217,6 +217,8 @@ def _share(layers: list[str], blocks: dict | None = None) -> float | None:
     (["r", "mamba2"], {"r": {"kind": "routed", "mode": "choice",
                              "paths": ["attention", "mamba2"]}}, 1 / 4),
     (["r", "attention"], {"r": {"kind": "routed"}}, 1.0),
+    # short convolutions (Zoology's companion of each mixer) are not counted
+    (["base_conv", "attention", "base_conv", "mamba2"], None, 1 / 2),
 ])
 def test_attention_share(layers, blocks, want):
     assert _share(layers, blocks) == pytest.approx(want)
