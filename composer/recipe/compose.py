@@ -147,9 +147,12 @@ def _append_if_schema_allows(line: str, base: dict) -> str:
         node = node[part]
     if isinstance(node, dict) and path[-1] in node:
         return line
+    if node is None and _prefix_is_free(path, base):
+        # a block the recipe file does not list: add it whatever the field, so validation
+        # names a wrong field against the block's spec (Hydra would blame the block's name)
+        return "+" + line
     allowed = schema_fields(path[:-1], base)
-    parent_exists = isinstance(node, dict) or node is None and _prefix_is_free(path, base)
-    if parent_exists and (allowed is None or path[-1] in allowed):
+    if isinstance(node, dict) and (allowed is None or path[-1] in allowed):
         return "+" + line
     return line
 

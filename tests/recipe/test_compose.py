@@ -64,6 +64,8 @@ def test_new_block_name_from_command_line():
 @pytest.mark.parametrize("override,words", [
     ("model.n_layer=12", "did you mean 'n_layers'"),
     ("model.blocks.attention.nheads=2", "did you mean 'n_heads'"),
+    # a block the recipe file does not list: the wrong field is named, not the block
+    ("model.blocks.gated_deltanet.head_dim=16", "did you mean 'head_v_dim'"),
     ("trian.steps=3", "did you mean 'train'"),
     ("model=jamab", "packaged model recipes"),
     ("model.d_model=abc", "valid integer"),
