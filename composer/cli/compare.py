@@ -101,7 +101,8 @@ def _out_folder(out: str) -> Path:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from composer.run.compare import collect, compare, markdown, write
+    from composer.run.compare import collect, compare
+    from composer.run.compare_table import markdown, write
     from composer.run.guards import json_safe
     context = _context(args.context)
     best_over = None if args.best_over.strip().lower() in ("none", "") else args.best_over

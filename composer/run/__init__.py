@@ -7,8 +7,9 @@ SIGTERM, log lines); :mod:`.resume` picks the checkpoint and recipe a resume con
 :mod:`.records` writes metrics.jsonl, summary.json and loss.png, :mod:`.loggers` sends its
 rows to TensorBoard / W&B; :mod:`.sources` gives the trainer and evaluation their batches, text
 (:mod:`.data` reads it as bytes and splits it) or a synthetic task (:mod:`.tasks` generates
-them); :mod:`.evaluate` scores a checkpoint (``hycomp eval``); :mod:`.compare` and
-:mod:`.compare_plots` tabulate and plot runs side by side (``hycomp compare``); :mod:`.checkpoint` writes and verifies safetensors checkpoints that carry
+them); :mod:`.evaluate` scores a checkpoint (``hycomp eval``); :mod:`.compare`,
+:mod:`.compare_table` and :mod:`.compare_plots` put runs side by side (``hycomp compare``);
+:mod:`.checkpoint` writes and verifies safetensors checkpoints that carry
 their recipe; :mod:`.runtime` picks the device and tunes the CPU allocator; :mod:`.plots`
 draws the loss curves of a run; :mod:`.generate` loads a run's model and writes what it
 generates (``hycomp generate``, the sample at the end of a run); :mod:`.app` is the Hydra

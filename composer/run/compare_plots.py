@@ -7,8 +7,9 @@
   text runs bits per byte, lower is better) against its state bytes per sequence at the
   context (log axis), points labelled; the Pareto front, the best score for at most that
   state (:func:`pareto_front`), as a step line through its highlighted
-  points.
-* ``attention_share.png``: the same scores against the attention share.
+  points. Runs on different data settings (a swept ``data.num_pairs``, another task) are not
+  comparable: each such group (:func:`data_groups`) has its own colour and its own front.
+* ``attention_share.png``: the same scores against the attention share, coloured by group.
 
 Titles name what the runs vary. A run without a value that a picture needs (null, NaN, a
 failed run) is left out of that picture, with a note saying so.
@@ -134,6 +135,30 @@ def _points(cmp: Comparison, x_key: str, picture: str, positive: bool = False):
     return keep, notes
 
 
+def data_groups(cmp: Comparison, rows: list[dict]) -> list[tuple[str, list[int]]]:
+    """Rows split by the data settings that vary (``data.*`` keys and the task): accuracy on
+    one task setting is not comparable with another's, so each group gets its own colour and
+    Pareto front. ``[(group name, row indices)]`` in first-seen order; one unnamed group when
+    the data is the same in all."""
+    keys = [k for k in cmp.varies if k.startswith("data.") or k == "data"]
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r.get("task"), *(r.get(k) for k in keys)), []).append(i)
+    if len(groups) == 1:
+        return [("", next(iter(groups.values())))]
+    tasks = len({g[0] for g in groups}) > 1
+    return [(", ".join([*([str(g[0])] if tasks else []),
+                        *(f"{cmp.short.get(k, k)}={v}" for k, v in zip(keys, g[1:]))]), idx)
+            for g, idx in groups.items()]
+
+
+def _point_labels(cmp: Comparison, row: dict) -> str:
+    """A run's label without the data settings its colour already tells."""
+    data = {cmp.short.get(k, k) for k in cmp.varies if k.startswith("data.") or k == "data"}
+    parts = [p for p in row["label"].split(", ") if p.split("=", 1)[0] not in data]
+    return ", ".join(parts) or row["label"]
+
+
 def _scatter_setup(cmp: Comparison, ax, rows: list[dict], xs: list[float], ys: list[float]):
     _, y_label, higher = score(cmp)
     ax.set_ylabel(y_label)
@@ -142,7 +167,7 @@ def _scatter_setup(cmp: Comparison, ax, rows: list[dict], xs: list[float], ys: l
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     at: dict[tuple, list[str]] = {}            # runs at one point share one annotation
     for r, x, y in zip(rows, xs, ys):
-        at.setdefault((x, y), []).append(r["label"])
+        at.setdefault((x, y), []).append(_point_labels(cmp, r))
     for (x, y), labels in at.items():
         ax.annotate("\n".join(labels), (x, y), textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
@@ -168,22 +193,28 @@ def plot_pareto(cmp: Comparison, out: Path) -> tuple[Path, list[str]]:
     rows, notes = _points(cmp, "state_bytes", "pareto.png", positive=True)
     y_key, _, higher = score(cmp)
     xs, ys = [r["state_bytes"] for r in rows], [r[y_key] for r in rows]
-    front = pareto_front(list(zip(xs, ys)), higher_is_better=higher)
+    groups = data_groups(cmp, rows)
+    colours = _colours(len(groups))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     try:
-        ax.scatter(xs, ys, s=28, color="#90A4AE", zorder=2, label="run")
-        if front:
-            fx, fy = [xs[i] for i in front], [ys[i] for i in front]
-            ax.step(fx + [max(xs)], fy + [fy[-1]], where="post", color="#D84315", lw=1.5,
-                    zorder=1, label="Pareto front")
-            ax.scatter(fx, fy, s=70, color="#D84315", edgecolor="black", zorder=3,
-                       label="on the front")
+        for (name, idx), colour in zip(groups, colours):
+            gx, gy = [xs[i] for i in idx], [ys[i] for i in idx]
+            tag = f" ({name})" if name else ""
+            ax.scatter(gx, gy, s=28, color=colour, alpha=0.6, zorder=2, label=f"run{tag}")
+            front = pareto_front(list(zip(gx, gy)), higher_is_better=higher)
+            if front:
+                fx, fy = [gx[i] for i in front], [gy[i] for i in front]
+                ax.step(fx + [max(xs)], fy + [fy[-1]], where="post", color=colour, lw=1.5,
+                        zorder=1, label=f"Pareto front{tag}")
+                ax.scatter(fx, fy, s=70, color=colour, edgecolor="black", zorder=3)
+        if rows:
             ax.legend(fontsize=8)
         ax.set_xscale("log")
-        from matplotlib.ticker import FuncFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
         from composer.viz.labels import human_bytes
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda x, _: human_bytes(x)))
+        ax.xaxis.set_major_locator(LogLocator(base=2))    # 16 KiB, 32 KiB, ...: round sizes
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_bytes(x)))
+        ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels overlap on narrow ranges
         ax.set_xlabel(f"state per sequence at {_context(cmp)} (fp32; log scale)")
         ax.set_title(f"Quality against state{_best_note(cmp)}, {_varies(cmp)}", fontsize=10)
         _scatter_setup(cmp, ax, rows, xs, ys)
@@ -203,7 +234,12 @@ def plot_attention_share(cmp: Comparison, out: Path) -> tuple[Path, list[str]]:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     try:
         from matplotlib.ticker import PercentFormatter
-        ax.scatter(xs, ys, s=40, color="#1E88E5", zorder=2)
+        groups = data_groups(cmp, rows)
+        for (name, idx), colour in zip(groups, _colours(len(groups))):
+            ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], s=40, color=colour,
+                       zorder=2, label=name or None)
+        if len(groups) > 1:
+            ax.legend(fontsize=8)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlabel("attention share (softmax-attention sub-layers / sequence mixers)")
         ax.set_title(f"Quality against attention share{_best_note(cmp)}, {_varies(cmp)}",

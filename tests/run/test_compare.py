@@ -16,8 +16,8 @@ import yaml
 import composer
 from composer.build.costs import totals
 from composer.core.errors import HycompError
-from composer.run.compare import (attention_share, cell, collect, compare, differences,
-                                  short_names, si, write)
+from composer.run.compare import attention_share, collect, compare, differences, short_names
+from composer.run.compare_table import cell, si, write
 from composer.run.compare_plots import pareto_front, plot_all
 from composer.run.train import run
 
@@ -337,3 +337,17 @@ def test_plots_leave_out_missing_values_with_a_note(task_sweep, sweep, tmp_path)
         for left_out in (failed, tmp_path / "runs" / "text"):
             assert any(picture in n and label[str(left_out)] in n for n in notes), picture
     assert any("loss.png" in n and label[str(failed)] in n for n in notes)
+
+
+def test_runs_on_different_data_settings_get_separate_fronts():
+    from composer.run.compare import Comparison
+    from composer.run.compare_plots import data_groups
+    rows = [{"task": "mqar", "data.num_pairs": p, "label": f"num_pairs={p}, pattern={s}"}
+            for p, s in ((4, "C**"), (8, "C**"), (4, "CMM"), (8, "CMM"))]
+    cmp = Comparison(rows=rows, all_rows=rows, columns=[], all_columns=[],
+                     varies=["data.num_pairs", "model.schedule.pattern"],
+                     short={"data.num_pairs": "num_pairs", "model.schedule.pattern": "pattern"},
+                     notes=[], settings={})
+    assert data_groups(cmp, rows) == [("num_pairs=4", [0, 2]), ("num_pairs=8", [1, 3])]
+    cmp.varies = ["model.schedule.pattern"]        # the data is the same for all: one group
+    assert data_groups(cmp, rows) == [("", [0, 1, 2, 3])]
