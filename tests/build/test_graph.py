@@ -112,10 +112,11 @@ def test_model_state_carries_across_calls(name, extra):
 def test_every_model_recipe_trains_one_step(name):
     r = small(name)
     m = composer.build_model(r)
-    ids = torch.randint(0, 256, (2, 16))
+    V = r.model.vocab_size                      # bytes, or a task's vocabulary (zoology_mqar)
+    ids = torch.randint(0, V, (2, 16))
     logits = m(ids)
-    assert logits.shape == (2, 16, 256)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256),
+    assert logits.shape == (2, 16, V)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V),
                                              ids[:, 1:].reshape(-1))
     loss.backward()
     assert torch.isfinite(loss)

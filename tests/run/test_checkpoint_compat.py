@@ -37,9 +37,16 @@ def _model_and_optimizer():
     return recipe, model.eval(), opt
 
 
+# Blocks registered after fd4e985: an older checkpoint cannot hold them. A new block goes here
+# (and into the next compatibility fixture), so adding one is a decision, not an accident.
+NEWER_THAN_FIXTURE = {"base_conv"}
+
+
 def test_the_fixture_covers_every_registered_block():
     recipe = composer.validate_recipe(read_recipe(CKPT))
-    assert {e.kind for e in recipe.schedule.entries} == set(block_types())
+    covered = {e.kind for e in recipe.schedule.entries}
+    assert covered.isdisjoint(NEWER_THAN_FIXTURE)
+    assert covered | NEWER_THAN_FIXTURE == set(block_types())
 
 
 def test_old_checkpoint_gives_the_same_logits():
