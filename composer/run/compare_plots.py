@@ -177,6 +177,14 @@ def _scatter_setup(cmp: Comparison, ax, rows: list[dict], xs: list[float], ys: l
     ax.grid(alpha=0.3, which="both")
 
 
+def _save_scatter(cmp: Comparison, fig, ax, rows, xs, ys, path: Path) -> Path:
+    """Labels, axes and grid of a scatter plot (:func:`_scatter_setup`), then the PNG."""
+    _scatter_setup(cmp, ax, rows, xs, ys)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def _context(cmp: Comparison) -> str:
     ts = {r.get("context") for r in cmp.rows if r.get("context") is not None}
     return f"T={ts.pop()}" if len(ts) == 1 else "each run's T"
@@ -217,12 +225,9 @@ def plot_pareto(cmp: Comparison, out: Path) -> tuple[Path, list[str]]:
         ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels overlap on narrow ranges
         ax.set_xlabel(f"state per sequence at {_context(cmp)} (fp32; log scale)")
         ax.set_title(f"Quality against state{_best_note(cmp)}, {_varies(cmp)}", fontsize=10)
-        _scatter_setup(cmp, ax, rows, xs, ys)
-        fig.tight_layout()
-        fig.savefig(out / "pareto.png")
+        return _save_scatter(cmp, fig, ax, rows, xs, ys, out / "pareto.png"), notes
     finally:
         plt.close(fig)
-    return out / "pareto.png", notes
 
 
 def plot_attention_share(cmp: Comparison, out: Path) -> tuple[Path, list[str]]:
@@ -244,12 +249,9 @@ def plot_attention_share(cmp: Comparison, out: Path) -> tuple[Path, list[str]]:
         ax.set_xlabel("attention share (softmax-attention sub-layers / sequence mixers)")
         ax.set_title(f"Quality against attention share{_best_note(cmp)}, {_varies(cmp)}",
                      fontsize=10)
-        _scatter_setup(cmp, ax, rows, xs, ys)
-        fig.tight_layout()
-        fig.savefig(out / "attention_share.png")
+        return _save_scatter(cmp, fig, ax, rows, xs, ys, out / "attention_share.png"), notes
     finally:
         plt.close(fig)
-    return out / "attention_share.png", notes
 
 
 def plot_all(cmp: Comparison, records: list[RunRecord], out) -> tuple[list[Path], list[str]]:
