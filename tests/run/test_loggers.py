@@ -226,3 +226,27 @@ def _wandb_run_eventually(run_dir: Path, want, seconds: float = 20.0):
         if got == want or time.monotonic() > deadline:
             return got
         time.sleep(0.2)
+
+
+def test_a_task_run_with_train_logger_shows_in_tensorboard(tmp_path):
+    """The trainer's wiring: every metrics.jsonl row of a real (task) run, baseline included,
+    is in the run folder's event files at its step."""
+    import composer
+    from composer.run.records import read_metrics
+    from composer.run.train import run
+    recipe = composer.load_recipe("config", overrides=[
+        "data=mqar", "data.seq_len=16", "data.num_pairs=2", "data.test_size=8",
+        "model.d_model=16", "model.n_layers=1", "train.batch_size=2", "train.steps=4",
+        "train.eval_every=2", "train.log_every=1", "train.progress=false",
+        "train.logger=tensorboard"])
+    d = tmp_path / "run"
+    run(recipe, d)
+    want: dict[str, list[tuple[int, float]]] = {}
+    for row in read_metrics(d / "metrics.jsonl"):
+        for tag, value in scalar_tags(row).items():
+            want.setdefault(tag, []).append((row["step"], value))
+    got = _scalars(_tensorboard(d))
+    assert {"train/loss", "val/acc", "misc/chance_acc"} <= set(got)
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6)
