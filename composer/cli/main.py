@@ -395,9 +395,11 @@ Train a recipe. Overrides follow the command: model.n_layers=12 train.steps=200.
   -r, --recipe NAME|FILE  model recipe name (recipes/model) or a YAML file
   -m, --multirun          sweep: model.schedule.ratio=1:1,3:1,7:1 runs three jobs
   train.resume=DIR        continue a run folder from its last checkpoint
+  data=mqar               train on a synthetic task instead of text (docs/tasks.md)
+  train.logger=tensorboard  also log to TensorBoard (or wandb, offline) in the run folder
   --cfg job               print the composed recipe and exit
-Runs go to runs/<date>/<time>/ (sweeps: runs/multirun/...): metrics.jsonl, checkpoints/,
-loss.png, summary.json, .hydra/ (the composed config).
+Runs go to runs/<date>/<time>/ (sweeps: runs/multirun/<date>/<time>/<n>_<key>-<value>...):
+metrics.jsonl, checkpoints/, loss.png, summary.json, .hydra/ (the composed config).
 Every job of a sweep is validated before the first one starts."""
 
 MAX_PREFLIGHT = 256
