@@ -11,6 +11,7 @@ import torch
 
 import composer
 from composer.core.errors import HycompError, RecipeError
+from composer.recipe.tasks import TASKS
 from composer.run.evaluate import evaluate_run, parse_settings
 from composer.run.generate import load_model
 from composer.run.records import read_metrics
@@ -203,3 +204,21 @@ def test_job_dir_names_are_safe_and_bounded():
     parser = OverridesParser.create()
     for name in (long_a, job_dir(4, r"model.schedule.ratio=3\:1,x.pattern=M*M-,y=a\,b")):
         assert parser.parse_override(f"train.resume=runs/{name}").value() == f"runs/{name}"
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_trains_and_evaluates(task, tmp_path):
+    """Each packaged task through the whole path: data=<task> trains (2 steps, its packaged
+    settings at a short length), logs a test accuracy, and hycomp eval repeats it."""
+    short = {"seq_len": 48, "test_size": 16}
+    if TASKS[task]().train_size is not None:
+        short["train_size"] = 64
+    overrides = [f"data={task}", *(f"data.{k}={v}" for k, v in short.items()),
+                 "model.d_model=16", "model.n_layers=1", "train.batch_size=4",
+                 "train.steps=2", "train.eval_every=2", "train.progress=false"]
+    d = tmp_path / "run"
+    summary = run(composer.load_recipe("config", overrides=overrides), d)
+    assert summary["task"] == task and 0 <= summary["val_acc"] <= 1
+    (row,) = evaluate_run(d, device="cpu", write=False)["results"]
+    assert row["accuracy"] == pytest.approx(summary["val_acc"], abs=1e-9)
+    assert row["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
