@@ -107,6 +107,17 @@ def _task_data(task: str, recipe, settings: dict) -> Any:
     return data
 
 
+def _at_length(task: str, data: Any, T: int) -> Any:
+    """``data`` at ``T`` tokens, validated again (a task may need a longer sequence)."""
+    if T == data.seq_len:
+        return data
+    try:
+        return type(data).model_validate({**data.model_dump(), "seq_len": T})
+    except ValidationError as err:
+        raise HycompError(what=f"bad length {T} for task '{task}'", where=f"--seq-len {T}",
+                          problems=pydantic_problems(err, prefix=("data",))) from None
+
+
 def _check_item(item: EvalItem, recipe) -> None:
     data, T, model = item.data, item.seq_len, recipe.model
     if T > model.max_seq_len:
@@ -149,10 +160,7 @@ def plan(recipe, tasks: list[str] | None, seq_lens: list[int] | None,
                 raise HycompError(what=f"bad length {T}", where=f"--seq-len {T}",
                                   why="a length is a positive number of tokens",
                                   fix="give lengths such as --seq-len 256,512")
-            item_data = data if T == data.seq_len else (
-                data.model_copy(update={"seq_len": T}) if task == "text"
-                else data.with_seq_len(T))
-            item = EvalItem(item_data, T)
+            item = EvalItem(_at_length(task, data, T), T)
             _check_item(item, recipe)
             items.append(item)
     return items

@@ -133,6 +133,7 @@ def test_eval_of_text_run_matches_its_validation(text_run):
     ({"tasks": ["mqar"], "settings": {"num_pairs": 100}}, ["num_pairs"]),
     ({"tasks": ["mqar"], "settings": {"vocab_size": 512}}, ["vocabulary of 512", "256"]),
     ({"seq_lens": [4096]}, ["max_seq_len"]),
+    ({"seq_lens": [2]}, ["bad length 2", "data.seq_len", "greater than or equal to 4"]),
     ({"tasks": ["mqar"], "settings": {"pairs": 3}}, ["unknown key 'pairs'"]),
 ])
 def test_eval_bad_input_says_what_and_where(task_run, kwargs, words):
