@@ -43,11 +43,11 @@ def probe_kernels(recipe) -> None:
 
     import composer
     from composer.run.runtime import pick_device
+    from composer.run.sources import autocast
     device = pick_device(recipe.train.device)
     model = composer.build_model(recipe).to(device)
     ids = torch.zeros(1, min(2, recipe.model.max_seq_len), dtype=torch.long, device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                         enabled=recipe.train.dtype == "bf16"):
+    with torch.no_grad(), autocast(device, recipe.train.dtype):
         model(ids)
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, PrivateAttr, Tag, field_validator
 
 from composer.core.block import BlockSpec, Spec
-from composer.recipe.tasks import TASKS, TaskData
+from composer.recipe.tasks import TASKS
 
 # --------------------------------------------------------------------------------------------
 # Schedule
@@ -190,8 +190,6 @@ DataSection = Annotated[Union[(Annotated[DataConfig, Tag("text")],
                                *(Annotated[cls, Tag(name)] for name, cls in TASKS.items()))],
                         Discriminator(_data_kind)]
 """``data``: text, or one synthetic task's settings, chosen by ``data.task``."""
-
-LOGGERS = ("tensorboard", "wandb")
 
 
 class TrainConfig(Spec):

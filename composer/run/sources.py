@@ -26,6 +26,7 @@ from torch import nn
 from composer.run.data import (BITS_PER_NAT, check_split, fixed_batches, load_splits,
                                sample_batch, unigram_bpb)
 from composer.run.tasks import IGNORE_INDEX, TaskStream, test_set
+from composer.run.tasks import accuracy as count_correct
 
 
 @dataclass
@@ -46,8 +47,8 @@ class TextSource:
 
     is_task = False
 
-    def __init__(self, data, seq_len: int | None = None):
-        self.cfg, self.seq_len = data, seq_len or data.seq_len
+    def __init__(self, data):
+        self.cfg, self.seq_len = data, data.seq_len
         self.train, self.val = load_splits(data)
         check_split(self.train, self.seq_len, "training")
 
@@ -68,9 +69,8 @@ class TaskSource:
 
     is_task = True
 
-    def __init__(self, data, seq_len: int | None = None, train: bool = True):
-        self.cfg = data if seq_len in (None, data.seq_len) else data.with_seq_len(seq_len)
-        self.seq_len = self.cfg.seq_len
+    def __init__(self, data, train: bool = True):
+        self.cfg, self.seq_len = data, data.seq_len
         # evaluation alone needs no training stream (a fixed training set costs seconds)
         self.stream = TaskStream(self.cfg) if train else None
         self.test = self.stream.test if train else test_set(self.cfg)
@@ -102,13 +102,10 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
-def open_source(data, seq_len: int | None = None,
-                train: bool = True) -> TextSource | TaskSource:
-    """The source of a recipe's ``data`` section (at ``seq_len``, default its own); with
-    ``train`` false, only what evaluation reads (a task's test set)."""
-    if data.task == "text":
-        return TextSource(data, seq_len)
-    return TaskSource(data, seq_len, train=train)
+def open_source(data, train: bool = True) -> TextSource | TaskSource:
+    """The source of a recipe's ``data`` section; with ``train`` false, only what evaluation
+    reads (a task's test set)."""
+    return TextSource(data) if data.task == "text" else TaskSource(data, train=train)
 
 
 def token_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -133,10 +130,8 @@ def evaluate(model: nn.Module, batches, device: torch.device, dtype: str = "fp32
             with autocast(device, dtype):
                 logits = model(x.to(device))
             total += token_loss(logits, y, "sum").item()
-            scored = y != IGNORE_INDEX
-            count += int(scored.sum())
-            if accuracy:
-                correct += int((logits.argmax(-1) == y)[scored].sum())
+            hits, scored = count_correct(logits, y)
+            correct, count = correct + hits, count + scored
     finally:
         model.train(was_training)
     loss = total / count if count else float("nan")

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -56,7 +55,7 @@ from composer.run.checkpoint import (NonFiniteCheckpointError, load_checkpoint,
 from composer.run.control import run_lock, say, stop_signals
 from composer.run.generate import printable, training_sample
 from composer.run.data import BITS_PER_NAT
-from composer.run.sources import Scores, autocast, evaluate, open_source, token_loss
+from composer.run.sources import autocast, evaluate, open_source, token_loss
 from composer.core.errors import CheckpointError
 from composer.run.guards import (NonFiniteError, check_before_training, check_data, finite,
                                  json_safe)

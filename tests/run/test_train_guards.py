@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import composer
-import composer.run.train as train_mod
 from composer.run import sources
 from composer.core.errors import DataError, HycompError, RecipeError
 from composer.run.checkpoint import load_checkpoint
