@@ -40,6 +40,7 @@ from composer.core.errors import CheckpointError, HycompError
 from composer.run.checkpoint import CKPT_DIR, latest_checkpoint, read_recipe
 from composer.run.guards import finite
 from composer.run.records import read_metrics
+from composer.run.resume import flatten, lookup
 
 SOFTMAX_ATTENTION = frozenset({"attention", "block_attention", "sparse_attention"})
 """Block kinds that mix by softmax attention over (some of) the past tokens: ``attention``
@@ -238,25 +239,6 @@ def _parse_override(o: str) -> tuple[str, str] | None:
     return key, value
 
 
-def _lookup(recipe: dict, key: str) -> Any:
-    node: Any = recipe
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _ABSENT
-        node = node[part]
-    return node
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _canon(v: Any) -> Any:
     """A value as compared: an override's text and the recipe's value agree (``1e-3`` and
     0.001, ``null`` and None, ``true`` and True)."""
@@ -303,12 +285,12 @@ def differences(records: list[RunRecord]) -> tuple[list[str], list[dict], list[d
     keys: list[str] = []
     for k in dict.fromkeys(k for p in parsed for k in p):
         for i, r in enumerate(records):
-            v = parsed[i][k] if k in parsed[i] else _lookup(r.recipe, k)
+            v = parsed[i][k] if k in parsed[i] else lookup(r.recipe, k, _ABSENT)
             shown[i][k], compared[i][k] = _show(v), _canon(v)
         if len({_key(c[k]) for c in compared}) > 1:
             keys.append(k)
     if any(r.overrides is None for r in records) or not keys:
-        flat = [_flatten(r.recipe) for r in records]
+        flat = [flatten(r.recipe) for r in records]
         for k in dict.fromkeys(k for f in flat for k in f):
             if k in BOOKKEEPING or any(k == c or k.startswith(c + ".") for c in keys):
                 continue

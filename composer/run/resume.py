@@ -23,10 +23,13 @@ _MISSING = object()
 _SECTIONS = ("model", "data")
 
 
-def _flatten(d, prefix: str) -> dict:
+def flatten(d, prefix: str = "") -> dict:
+    """Nested dicts -> ``{"a.b.c": leaf}`` (keys under ``prefix``); an empty dict has no
+    leaves."""
     if not isinstance(d, dict):
         return {prefix: d}
-    return {k: v for key, sub in d.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {k: v for key, sub in d.items()
+            for k, v in flatten(sub, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
 def check_resumable(recipe, saved: dict, ckpt: Path) -> None:
@@ -35,7 +38,7 @@ def check_resumable(recipe, saved: dict, ckpt: Path) -> None:
     now = json.loads(json.dumps(recipe.model_dump(mode="json")))
     diffs = []
     for section in _SECTIONS:
-        old, new = _flatten(saved.get(section), section), _flatten(now[section], section)
+        old, new = flatten(saved.get(section), section), flatten(now[section], section)
         diffs += [f"{k}: {old.get(k, '(absent)')!r} in the run, {new.get(k, '(absent)')!r} now"
                   for k in sorted(set(old) | set(new)) if old.get(k, ...) != new.get(k, ...)]
     if diffs:
@@ -75,10 +78,11 @@ def override_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
-def _get(d: Any, dotted: str) -> Any:
+def lookup(d: Any, dotted: str, missing: Any = _MISSING) -> Any:
+    """``d[a][b]...`` at ``a.b...``, or ``missing`` when a part is not there."""
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
-            return _MISSING
+            return missing
         d = d[part]
     return d
 
@@ -98,9 +102,9 @@ def recipe_for_resume(composed: dict, recipe, overrides: list[str]) -> dict:
     saved = read_recipe(ckpt)
     now = json.loads(json.dumps(recipe.model_dump(mode="json")))
     keys = override_keys(overrides)
-    conflicts = [f"{k}={_show(_get(now, k))} now, {_show(_get(saved, k))} in the run"
+    conflicts = [f"{k}={_show(lookup(now, k))} now, {_show(lookup(saved, k))} in the run"
                  for k in keys if k.split(".", 1)[0] in _SECTIONS
-                 and _get(now, k) != _get(saved, k)]
+                 and lookup(now, k) != lookup(saved, k)]
     if conflicts:
         raise CheckpointError(
             what="an override changes the model or data of the run being resumed",
@@ -114,7 +118,7 @@ def recipe_for_resume(composed: dict, recipe, overrides: list[str]) -> dict:
            "kernels": dict(saved.get("kernels") or {})}
     for k in keys:
         if k.split(".", 1)[0] in ("train", "kernels"):
-            _put(out, k, _get(now, k))
+            _put(out, k, lookup(now, k))
     return out
 
 
