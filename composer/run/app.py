@@ -140,12 +140,12 @@ def hydra_train(cfg: DictConfig) -> float | None:
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
         recipe = validate_recipe(data)
-        if recipe.train.resume:
-            recipe = validate_recipe(recipe_for_resume(data, recipe, list(hc.overrides.task)))
         overrides = list(hc.overrides.task)
-        label = (unescape(hc.job.override_dirname).replace(",", ", ")
-                 if hc.mode.name == "MULTIRUN"
-                 else "") or run_dir.name
+        if recipe.train.resume:
+            recipe = validate_recipe(recipe_for_resume(data, recipe, overrides))
+        swept = (_dirname_items(hc.job.override_dirname)
+                 if hc.mode.name == "MULTIRUN" else [])
+        label = ", ".join(f"{k}={v}" for k, v in swept) or run_dir.name
         summary = run(recipe, run_dir, overrides=overrides, label=label)
     except HycompError as e:
         _discard_unused(run_dir)

@@ -40,6 +40,11 @@ from composer.run.sources import evaluate, open_source
 EVAL_FILE = "eval.json"
 
 
+def _result_key(task: str, seq_len: int, settings: dict | None) -> tuple:
+    """Identity of a result in eval.json: the task, its length and its other settings."""
+    return (task, seq_len, json.dumps(settings, sort_keys=True))
+
+
 @dataclass
 class EvalItem:
     """One thing to score: a data section (text or task settings) at one length."""
@@ -51,8 +56,7 @@ class EvalItem:
         return self.data.task
 
     def key(self) -> tuple:
-        """Identity in eval.json: the task, its length and its settings (seq_len aside)."""
-        return (self.task, self.seq_len, json.dumps(self.settings(), sort_keys=True))
+        return _result_key(self.task, self.seq_len, self.settings())
 
     def settings(self) -> dict:
         return {k: v for k, v in self.data.model_dump(mode="json").items()
@@ -219,9 +223,8 @@ def _merge(path: Path, new: dict, items: list[EvalItem]) -> dict:
     try:
         old = json.loads(path.read_text())
         if old.get("checkpoint") == new["checkpoint"]:
-            kept = [r for r in old.get("results", [])
-                    if (r.get("task"), r.get("seq_len"),
-                        json.dumps(r.get("settings"), sort_keys=True)) not in keys]
+            kept = [r for r in old.get("results", []) if _result_key(
+                r.get("task"), r.get("seq_len"), r.get("settings")) not in keys]
     except (OSError, ValueError, AttributeError):
         pass
     merged = {**new, "results": kept + new["results"]}

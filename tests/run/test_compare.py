@@ -20,11 +20,9 @@ from composer.run.compare import attention_share, collect, compare, differences,
 from composer.run.compare_table import cell, si, write
 from composer.run.compare_plots import pareto_front, plot_all
 from composer.run.train import run
+from helpers import tiny_run
 
-TINY = ["model.d_model=32", "model.n_layers=4", "data.max_bytes=100000", "data.seq_len=32",
-        "train.batch_size=2", "train.steps=4", "train.warmup_steps=1", "train.eval_every=2",
-        "train.eval_batches=1", "train.progress=false", "train.threads=1",
-        "train.sample_tokens=0"]
+TINY = tiny_run(steps=4)
 JOBS = [["model.schedule.ratio=1:1", "train.lr=0.001"],
         ["model.schedule.ratio=1:1", "train.lr=0.01"],
         ["model.schedule.ratio=3:1", "train.lr=0.001"],
