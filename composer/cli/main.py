@@ -149,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                           fix="run 'hycomp --help'" + did_you_mean(argv[0], COMMANDS)))
     if argv and argv[0] == "train":
         return _train(argv[1:])
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:
+        if args.command == "eval" and not any(e.startswith("-") for e in extra):
+            # key=value settings after an option: argparse has already filled the positionals
+            args.settings += extra
+        else:
+            _parser().parse_args(argv)      # argparse's own message and exit 2
     if args.command is None:
         _parser().print_help()
         return 2

@@ -155,12 +155,14 @@ def test_parse_settings_reads_yaml_scalars():
 def test_cli_eval_prints_table_and_fails_cleanly(task_run, tmp_path):
     d, _, _ = task_run
     cmd = [sys.executable, "-m", "composer.cli", "eval"]
-    ok = subprocess.run(cmd + [str(d), "--task", "mqar", "--seq-len", "32", "--no-write"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(cmd + [str(d), "--task", "mqar", "num_pairs=2", "--seq-len", "32",
+                              "--no-write", "--json"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert "mqar" in ok.stdout and "%" in ok.stdout
+    (row,) = json.loads(ok.stdout)["results"]   # the setting after an option was taken
+    assert row["task"] == "mqar" and row["settings"]["num_pairs"] == 2
     for bad in ([str(tmp_path / "nothing")], [str(d), "--task", "nope"],
-                [str(d), "--seq-len", "x"], [str(d), "--batches", "0"]):
+                [str(d), "--seq-len", "x"], [str(d), "--batches", "0"],
+                [str(d), "--task", "mqar", "--nope"]):
         r = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (bad, r.stderr)
         assert "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
